@@ -1,0 +1,364 @@
+"""Checkpoint folders in the Hugging Face layout: `config.json`, `model.safetensors` (or shards
+with `model.safetensors.index.json`), tokenizer files and `generation_config.json`.
+
+Saving writes the family's own layout (GPT-2 or Llama names), so transformers loads our folders
+with no code of ours; other switch mixes save as `model_type: "pocketlm"`. Loading accepts both
+GPT-2 layouts (with or without the `transformer.` prefix, Conv1D weights stored transposed, fused
+`c_attn`) and Llama's. Every safetensors header is validated against the file and the config
+before a tensor is read, and pickle files load only when the caller opts in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pocketlm.config import ModelConfig
+from pocketlm.errors import ConfigError, FormatError, NotFoundError, UnsafeFormatError, TokenizerError
+from pocketlm.files import atomic_path, atomic_write_json, read_json
+from pocketlm.model import Transformer
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = "pytorch_model.bin"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+_ST_DTYPES = {"F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
+              "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
+              "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1),
+              "BOOL": (torch.bool, 1), "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1)}
+_MAX_HEADER = 100 * 1024 * 1024
+
+# GPT-2 name ↔ our name, per layer ("{}" is the layer index); True marks Conv1D weights, which
+# GPT-2 stores as (in, out), the transpose of nn.Linear's (out, in)
+_GPT2_GLOBAL = {"wte.weight": "model.embed_tokens.weight", "wpe.weight": "model.embed_positions.weight",
+                "ln_f.weight": "model.norm.weight", "ln_f.bias": "model.norm.bias"}
+_GPT2_LAYER = {
+    "ln_1.weight": ("input_layernorm.weight", False), "ln_1.bias": ("input_layernorm.bias", False),
+    "ln_2.weight": ("post_attention_layernorm.weight", False),
+    "ln_2.bias": ("post_attention_layernorm.bias", False),
+    "attn.c_proj.weight": ("self_attn.o_proj.weight", True), "attn.c_proj.bias": ("self_attn.o_proj.bias", False),
+    "mlp.c_fc.weight": ("mlp.up_proj.weight", True), "mlp.c_fc.bias": ("mlp.up_proj.bias", False),
+    "mlp.c_proj.weight": ("mlp.down_proj.weight", True), "mlp.c_proj.bias": ("mlp.down_proj.bias", False),
+}
+_GPT2_IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers, not weights
+_LLAMA_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+# --- saving ---------------------------------------------------------------------------------------
+
+def save_pretrained(model: Transformer, folder: str | Path, tokenizer=None,
+                    generation_config: dict[str, Any] | None = None,
+                    max_shard_size: int | None = None) -> Path:
+    """Write `model` (and optionally its tokenizer) as a Hugging Face checkpoint folder.
+
+    Each file is written atomically and config.json last, so an interrupted save never leaves a
+    folder that looks complete but is not. `max_shard_size` (bytes) splits the weights.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = hf_state_dict(model)
+    shards = _split_shards(tensors, max_shard_size)
+    previous = {*folder.glob("model-*-of-*.safetensors"), folder / WEIGHTS_INDEX, folder / WEIGHTS}
+    if len(shards) == 1:
+        written = [folder / WEIGHTS]
+        with atomic_path(written[0]) as tmp:
+            save_file(shards[0], tmp, metadata={"format": "pt"})
+    else:
+        weight_map, written = {}, [folder / WEIGHTS_INDEX]
+        for i, shard in enumerate(shards, 1):
+            written.append(folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors")
+            with atomic_path(written[-1]) as tmp:
+                save_file(shard, tmp, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, written[-1].name))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        atomic_write_json(folder / WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    for stale in previous - set(written):  # only once the new weights are complete
+        stale.unlink(missing_ok=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
+           "pad_token_id": model.config.pad_token_id, **(generation_config or {})}
+    atomic_write_json(folder / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+    hf = model.config.to_hf_config()
+    hf["dtype"] = str(model.dtype).removeprefix("torch.")
+    atomic_write_json(folder / "config.json", hf)
+    return folder
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's tensors under its family's Hugging Face names (tied lm_head left out)."""
+    config = model.config
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        ours.pop("lm_head.weight")
+    if config.family != "gpt2":
+        return {k: v.contiguous() for k, v in ours.items()}
+    out = {}
+    for hf_name, name in _GPT2_GLOBAL.items():
+        out[f"transformer.{hf_name}"] = ours.pop(name).contiguous()
+    for i in range(config.n_layer):
+        prefix, hf_prefix = f"model.layers.{i}.", f"transformer.h.{i}."
+        for hf_name, (name, transposed) in _GPT2_LAYER.items():
+            t = ours.pop(prefix + name)
+            out[hf_prefix + hf_name] = (t.t() if transposed else t).contiguous()
+        q, k, v = (ours.pop(f"{prefix}self_attn.{p}_proj.weight") for p in "qkv")
+        out[hf_prefix + "attn.c_attn.weight"] = torch.cat((q, k, v), 0).t().contiguous()
+        q, k, v = (ours.pop(f"{prefix}self_attn.{p}_proj.bias") for p in "qkv")
+        out[hf_prefix + "attn.c_attn.bias"] = torch.cat((q, k, v), 0).contiguous()
+    out.update({k: v.contiguous() for k, v in ours.items()})  # lm_head.weight when untied
+    return out
+
+
+def _split_shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [tensors]
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+def load_config(folder: str | Path) -> ModelConfig:
+    folder = resolve_folder(folder)
+    return ModelConfig.from_hf_config(read_json(folder / "config.json", "model config"))
+
+
+def not_local_message(path) -> str:
+    return (f"{str(path)!r} is not a local folder or file. pocketlm does not download from a model hub "
+            "at run time: pass the path of a checkpoint folder (config.json + model.safetensors), e.g. one "
+            "written by save_pretrained(), or build an untrained model with from_config()")
+
+
+def resolve_folder(path: str | Path) -> Path:
+    """Check that `path` is a local checkpoint folder; explain what to do when it is not."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise NotFoundError(not_local_message(path))
+    if not folder.is_dir():
+        raise NotFoundError(f"{folder} is a file; pass the checkpoint folder that holds config.json "
+                            "and model.safetensors")
+    if not (folder / "config.json").is_file():
+        raise NotFoundError(f"{folder} has no config.json, so it is not a checkpoint folder")
+    return folder
+
+
+def load_pretrained(path: str | Path, device=None, dtype=None, allow_pickle: bool = False,
+                    cls: type[Transformer] = Transformer) -> Transformer:
+    """Load a checkpoint folder into `cls`, validating every tensor against the config.
+
+    dtype: None or a torch dtype / name ("float32", "bf16", ...) or "auto" for the stored dtype.
+    """
+    folder = resolve_folder(path)
+    config = load_config(folder)
+    check_tokenizer_fits(folder, config)
+    raw = _read_weights(folder, allow_pickle)
+    tensors = _from_hf_names(config, raw)
+
+    with torch.device("meta"):
+        model = cls(config)
+    expected = model.state_dict()
+    optional = {"lm_head.weight"} if config.tie_embeddings else set()
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise FormatError(f"{folder}: tensors not in a {config.family} model with this config: "
+                          f"{_names(unknown)}; is config.json from the same checkpoint?")
+    missing = sorted(set(expected) - set(tensors) - optional)
+    if missing:
+        raise FormatError(f"{folder}: the weights lack {len(missing)} tensors the config needs: {_names(missing)}")
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise FormatError(f"{folder}: tensor {name} has shape {tuple(t.shape)} but the config needs "
+                              f"{tuple(expected[name].shape)}; config.json and the weights disagree")
+
+    target = _resolve_dtype(dtype, next(iter(tensors.values())).dtype)
+    tensors = {k: v.to(device=device, dtype=target) for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def check_tokenizer_fits(folder: Path, config: ModelConfig) -> None:
+    """A tokenizer that can emit ids past the embedding rows would crash deep inside torch later;
+    refuse the pair now."""
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        return
+    from pocketlm.tokenizer import Tokenizer
+
+    n = len(Tokenizer.from_pretrained(folder))
+    if n > config.vocab_size:
+        raise TokenizerError(f"{folder}: the tokenizer has {n} tokens but the model embeds only "
+                             f"{config.vocab_size}; ids ≥ {config.vocab_size} would have no embedding. "
+                             "Use the tokenizer the model was trained with, or resize the model")
+
+
+def read_generation_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    data = read_json(path, "generation config")
+    if not isinstance(data, dict):
+        raise FormatError(f"{path} must hold a JSON object")
+    return data
+
+
+def _resolve_dtype(dtype, stored: torch.dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        return stored if stored.is_floating_point else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or 'auto'")
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _read_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if (folder / WEIGHTS).is_file():
+        return read_safetensors(folder / WEIGHTS)
+    if (folder / WEIGHTS_INDEX).is_file():
+        index = read_json(folder / WEIGHTS_INDEX, "safetensors index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise FormatError(f"{folder / WEIGHTS_INDEX} has no valid weight_map")
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard:
+                raise FormatError(f"{folder / WEIGHTS_INDEX} names shard {shard!r} outside the folder")
+            tensors.update(read_safetensors(folder / shard))
+        absent = sorted(set(weight_map) - set(tensors))
+        if absent:
+            raise FormatError(f"{folder}: the index lists tensors no shard holds: {_names(absent)}")
+        return tensors
+    if (folder / PICKLE_WEIGHTS).is_file():
+        if not allow_pickle:
+            raise UnsafeFormatError(
+                f"{folder} holds only {PICKLE_WEIGHTS}, a pickle file that can run code when loaded. "
+                "If you trust it, pass allow_pickle=True (loaded with weights_only=True), or convert it "
+                "to model.safetensors")
+        try:
+            return torch.load(folder / PICKLE_WEIGHTS, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many kinds for a bad pickle
+            raise FormatError(f"{folder / PICKLE_WEIGHTS} could not be read as a weights-only state dict: {e}") from None
+    raise NotFoundError(f"{folder} has config.json but no weights ({WEIGHTS}, {WEIGHTS_INDEX} or {PICKLE_WEIGHTS})")
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Parse and validate a safetensors header: size, JSON, dtypes, shapes and byte ranges."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FormatError(f"{path}: file is {size} bytes, too short for a safetensors header (truncated?)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > _MAX_HEADER:
+            raise FormatError(f"{path}: header claims {n} bytes at offset 0 but the file has {size - 8} "
+                              "after the length field (truncated or not safetensors)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: header (bytes 8..{8 + n}) is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: header must be a JSON object")
+    header.pop("__metadata__", None)
+    data_len = size - 8 - n
+    spans = []
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise FormatError(f"{where}: header entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _ST_DTYPES:
+            raise FormatError(f"{where}: unsupported dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise FormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise FormatError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            raise FormatError(f"{where}: bytes {begin}..{end} lie outside the {data_len}-byte data section "
+                              "(file truncated?)")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * _ST_DTYPES[dtype][1]:
+            raise FormatError(f"{where}: shape {shape} of {dtype} needs {numel * _ST_DTYPES[dtype][1]} bytes, "
+                              f"the header gives {end - begin}")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, a), (b1, e1, b) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise FormatError(f"{path}: tensors {a!r} and {b!r} overlap in the data section")
+    return header
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    header = read_safetensors_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in header}
+    except SafetensorError as e:
+        raise FormatError(f"{path}: {e}") from None
+
+
+def _from_hf_names(config: ModelConfig, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a checkpoint's tensors to ours; GPT-2 weights are untransposed and c_attn split."""
+    if config.family != "gpt2":
+        return {k: v for k, v in raw.items() if not _LLAMA_IGNORED.match(k)}
+    out = {}
+    per_layer = re.compile(r"^h\.(\d+)\.(.+)$")
+    for full_name, t in raw.items():
+        name = full_name.removeprefix("transformer.")
+        if _GPT2_IGNORED.match(name):
+            continue
+        if name in _GPT2_GLOBAL:
+            out[_GPT2_GLOBAL[name]] = t
+            continue
+        m = per_layer.match(name)
+        if m is None:
+            out[full_name] = t  # lm_head.weight, or an unknown name reported by the caller
+            continue
+        prefix, rest = f"model.layers.{m[1]}.", m[2]
+        if rest in ("attn.c_attn.weight", "attn.c_attn.bias"):
+            kind = rest.rsplit(".", 1)[1]
+            fused = t.t() if kind == "weight" else t  # (3C, C) or (3C,)
+            if fused.shape[0] != 3 * config.n_embd:
+                raise FormatError(f"tensor {full_name} has shape {tuple(t.shape)}; a fused q|k|v for "
+                                  f"n_embd={config.n_embd} needs {3 * config.n_embd} outputs")
+            for proj, part in zip("qkv", fused.chunk(3, dim=0)):
+                out[f"{prefix}self_attn.{proj}_proj.{kind}"] = part
+        elif rest in _GPT2_LAYER:
+            ours, transposed = _GPT2_LAYER[rest]
+            out[prefix + ours] = t.t() if transposed and t.dim() == 2 else t
+        else:
+            out[full_name] = t
+    return out

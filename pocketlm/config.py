@@ -1,0 +1,257 @@
+"""Model configuration: one `ModelConfig` dataclass describes every Transformer pocketlm builds,
+from GPT-2 to Llama, through a handful of architecture switches. It also translates to and from
+the `config.json` of Hugging Face checkpoints, so folders move between pocketlm and transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pocketlm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("learned", "sinusoidal", "rope")
+ACTIVATIONS = ("gelu_tanh", "gelu", "silu")
+
+# transformers' names for our activations, both ways
+_HF_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+           "gelu": "gelu", "silu": "silu", "swish": "silu"}
+_GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+
+
+@dataclass
+class ModelConfig:
+    """Shape and switches of a decoder-only Transformer.
+
+    `n_kv_head`, `head_dim` and `intermediate_size` default to the classic choices (full
+    multi-head attention, width / heads, 4 × width) when left as None.
+    """
+
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    max_position: int = 1024
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"
+    act: str = "gelu_tanh"
+    pos: str = "learned"
+    rope_theta: float = 10000.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None and _positive_int(self.n_head) and isinstance(self.n_embd, int):
+            if self.n_embd % self.n_head:
+                raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                                  "set head_dim explicitly or change one of them")
+            self.head_dim = self.n_embd // self.n_head
+        if self.intermediate_size is None and isinstance(self.n_embd, int):
+            self.intermediate_size = 4 * self.n_embd
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field that cannot describe a working model."""
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "head_dim",
+                     "intermediate_size", "max_position"):
+            value = getattr(self, name)
+            if not _positive_int(value):
+                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS), ("act", ACTIVATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"config field {name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} "
+                              "(grouped-query attention shares each key/value head among query heads)")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rotary positions need an even head_dim, got {self.head_dim}")
+        if self.pos == "sinusoidal" and self.n_embd % 2:
+            raise ConfigError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise ConfigError(f"norm_eps must be a positive number, got {self.norm_eps!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+                raise ConfigError(f"{name}={value!r} is not an id in the vocabulary (0..{self.vocab_size - 1})")
+        for value in self.eos_token_ids:
+            if not (isinstance(value, int) and 0 <= value < self.vocab_size):
+                raise ConfigError(f"eos_token_id={value!r} is not an id in the vocabulary (0..{self.vocab_size - 1})")
+
+    # --- derived facts -------------------------------------------------------------------------
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
+    @property
+    def family(self) -> str:
+        """'gpt2' or 'llama' when transformers has the same architecture, else 'pocketlm'."""
+        if (self.norm, self.mlp, self.pos) == ("layernorm", "gelu", "learned") and self.bias \
+                and self.act in _GPT2_ACT and self.n_kv_head == self.n_head \
+                and self.head_dim * self.n_head == self.n_embd:
+            return "gpt2"
+        if (self.norm, self.mlp, self.pos, self.act) == ("rmsnorm", "swiglu", "rope", "silu"):
+            return "llama"
+        return "pocketlm"
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # --- Hugging Face config.json ----------------------------------------------------------------
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Build a config from a Hugging Face `config.json` dict (gpt2, llama or pocketlm)."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
+        model_type = hf.get("model_type")
+        try:
+            if model_type == "gpt2":
+                return _from_gpt2(hf)
+            if model_type == "llama":
+                return _from_llama(hf)
+            if model_type == "pocketlm":
+                known = {f.name for f in dataclasses.fields(cls)}
+                return cls(**{k: v for k, v in hf.items() if k in known})
+        except KeyError as e:
+            raise ConfigError(f"config.json of model_type {model_type!r} lacks the field {e.args[0]!r}") from None
+        except TypeError as e:
+            raise ConfigError(f"config.json has a field of the wrong type: {e}") from None
+        raise ConfigError(f"unknown architecture model_type={model_type!r}; pocketlm loads "
+                          "'gpt2', 'llama' and 'pocketlm' checkpoints")
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The `config.json` dict for this config, in its family's own Hugging Face layout."""
+        common = {"vocab_size": self.vocab_size, "initializer_range": self.initializer_range,
+                  "tie_word_embeddings": self.tie_embeddings, "bos_token_id": self.bos_token_id,
+                  "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
+        if self.family == "gpt2":
+            return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **common,
+                    "n_positions": self.max_position, "n_embd": self.n_embd, "n_layer": self.n_layer,
+                    "n_head": self.n_head, "n_inner": self.intermediate_size,
+                    "activation_function": _GPT2_ACT[self.act], "layer_norm_epsilon": self.norm_eps,
+                    "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": self.dropout}
+        if self.family == "llama":
+            return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **common,
+                    "hidden_size": self.n_embd, "intermediate_size": self.intermediate_size,
+                    "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
+                    "num_key_value_heads": self.n_kv_head, "head_dim": self.head_dim,
+                    "hidden_act": "silu", "max_position_embeddings": self.max_position,
+                    "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+                    "attention_bias": self.bias, "mlp_bias": self.bias,
+                    "attention_dropout": self.dropout}
+        return {"model_type": "pocketlm", "architectures": ["PocketLMForCausalLM"], **self.to_dict()}
+
+
+def _from_gpt2(hf: dict[str, Any]) -> ModelConfig:
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+        raise ConfigError("this GPT-2 config changes the attention scaling "
+                          "(scale_attn_by_inverse_layer_idx / scale_attn_weights), which pocketlm does not support")
+    act = hf.get("activation_function", "gelu_new")
+    if _HF_ACT.get(act) not in _GPT2_ACT:
+        raise ConfigError(f"GPT-2 activation_function {act!r} is not supported; use gelu_new or gelu")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+        intermediate_size=hf.get("n_inner") or None, max_position=hf.get("n_positions", 1024),
+        norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", act=_HF_ACT[act],
+        pos="learned", bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
+        initializer_range=hf.get("initializer_range", 0.02),
+        **_special_ids(hf))
+
+
+def _from_llama(hf: dict[str, Any]) -> ModelConfig:
+    scaling = hf.get("rope_scaling") or {}
+    rope_params = hf.get("rope_parameters") or {}
+    rope_type = rope_params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type != "default":
+        raise ConfigError(f"rope scaling type {rope_type!r} is not supported yet; only plain RoPE is")
+    if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+        raise ConfigError("attention_bias and mlp_bias differ in this Llama config; pocketlm has one "
+                          "`bias` switch for both")
+    act = hf.get("hidden_act", "silu")
+    if _HF_ACT.get(act) != "silu":
+        raise ConfigError(f"Llama hidden_act {act!r} is not supported; SwiGLU uses silu")
+    n_head = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
+        n_embd=hf["hidden_size"], n_kv_head=hf.get("num_key_value_heads") or n_head,
+        head_dim=hf.get("head_dim") or None, intermediate_size=hf["intermediate_size"],
+        max_position=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", act="silu", pos="rope",
+        rope_theta=float(rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        bias=bool(hf.get("attention_bias", False)), tie_embeddings=hf.get("tie_word_embeddings", False),
+        initializer_range=hf.get("initializer_range", 0.02),
+        **_special_ids(hf))
+
+
+def _special_ids(hf: dict[str, Any]) -> dict[str, Any]:
+    """bos/eos/pad ids; ids outside the vocabulary (common in configs copied between model
+    sizes, and accepted by transformers) are dropped with a warning rather than refused."""
+    vocab = hf["vocab_size"]
+    ids = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = hf.get(key)
+        values = value if isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(v, int) and 0 <= v < vocab for v in values):
+            log.warning("config.json: %s=%r is outside the vocabulary of %d; ignoring it", key, value, vocab)
+            value = None
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        ids[key] = value
+    return ids
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+GPT2 = dict(norm="layernorm", mlp="gelu", act="gelu_tanh", pos="learned", bias=True, tie_embeddings=True)
+LLAMA = dict(norm="rmsnorm", mlp="swiglu", act="silu", pos="rope", bias=False)
+
+PRESETS: dict[str, ModelConfig] = {
+    "gpt2": ModelConfig(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, max_position=1024,
+                        bos_token_id=50256, eos_token_id=50256, **GPT2),
+    "gpt2-medium": ModelConfig(vocab_size=50257, n_layer=24, n_head=16, n_embd=1024, max_position=1024,
+                               bos_token_id=50256, eos_token_id=50256, **GPT2),
+    "llama-tiny": ModelConfig(vocab_size=32000, n_layer=4, n_head=8, n_kv_head=4, n_embd=256,
+                              intermediate_size=688, max_position=2048, norm_eps=1e-5,
+                              tie_embeddings=False, **LLAMA),
+    "smollm2-135m": ModelConfig(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
+                                intermediate_size=1536, max_position=8192, rope_theta=100000.0,
+                                norm_eps=1e-5, tie_embeddings=True, initializer_range=0.041666666666666664,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=2, **LLAMA),
+    # small enough to pretrain on a laptop CPU in minutes
+    "baby": ModelConfig(vocab_size=4096, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+                        intermediate_size=384, max_position=256, norm_eps=1e-5,
+                        tie_embeddings=True, **LLAMA),
+}
