@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.config import ModelConfig
-from pocketlm.errors import ContextLengthError
+from pocketlm.errors import ConfigError, ContextLengthError
 
 
 @dataclass
@@ -214,6 +214,7 @@ class Transformer(nn.Module):
         """input_ids (B, T); attention_mask (B, S) with 0 at padding, covering cached + new
         positions; labels (B, T) scored against the next token, -100 ignored; cache appends."""
         config = self.config
+        _check_input_ids(input_ids, config.vocab_size)
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_length:
@@ -248,6 +249,17 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss)
+
+
+def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    # an id past the embedding table would fail deep inside torch (or assert on a GPU)
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32) or input_ids.shape[1] == 0:
+        raise ConfigError(f"input_ids must be a non-empty (batch, time) tensor of integer ids, got shape "
+                          f"{tuple(input_ids.shape)} and dtype {input_ids.dtype}")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ConfigError(f"token id {high if high >= vocab_size else low} is outside the model's vocabulary "
+                          f"of {vocab_size}; encode the text with this model's own tokenizer")
 
 
 def _attention_mask(attention_mask, past: int, T: int, device) -> torch.Tensor | None:

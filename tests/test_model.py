@@ -10,6 +10,7 @@ from transformers.models.llama import modeling_llama
 
 from conftest import TINY, randomize
 from pocketlm.config import ModelConfig
+from pocketlm.errors import ConfigError, ContextLengthError
 from pocketlm.model import Transformer, apply_rope, rope_cos_sin, sinusoidal_encoding
 
 
@@ -138,3 +139,31 @@ def test_smollm2_preset_has_the_published_size():
     with torch.device("meta"):
         model = Transformer(ModelConfig.preset("smollm2-135m"))
     assert model.num_parameters() == 134_515_008  # SmolLM2-135M's published parameter count
+
+
+def test_bad_input_ids_give_a_clear_error():
+    model = Transformer(ModelConfig(**TINY["gpt2-tied"]))
+    with pytest.raises(ConfigError, match="token id 96 is outside the model's vocabulary of 96"):
+        model(torch.tensor([[1, 96]]))
+    with pytest.raises(ConfigError, match="token id -1"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ConfigError, match="integer ids"):
+        model(torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ContextLengthError, match="context window of 128"):
+        model(torch.zeros(1, 129, dtype=torch.long))
+    cache = model.new_cache(1, 4)
+    model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ContextLengthError, match="KV cache holds 4 positions; 3 are used and 2 more"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["gpt2-tied", "llama-gqa-tied"])
+def test_cuda_bf16_close_to_cpu_fp32(name):
+    config = ModelConfig(**TINY[name])
+    model = randomize(Transformer(config)).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+        gpu = model.to("cuda", torch.bfloat16)(ids.cuda()).logits.float().cpu()
+    assert (gpu - ref).abs().max() <= 0.1 * ref.abs().max()

@@ -1,0 +1,127 @@
+"""The Hugging Face-style facade: `AutoTokenizer`, `AutoModelForCausalLM` and the familiar
+aliases (`GPT2Tokenizer`, `GPT2LMHeadModel`, `LlamaForCausalLM`), so code written for
+transformers runs on pocketlm with only its import line changed:
+
+    tokenizer = GPT2Tokenizer.from_pretrained(path)
+    model = GPT2LMHeadModel.from_pretrained(path)
+    out = model.generate(tokenizer.encode("Once upon a time", return_tensors="pt"), max_length=100)
+
+`from_pretrained` loads local checkpoints only and never returns random weights; untrained
+models come from `from_config` with a `ModelConfig` or a preset name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pocketlm import checkpoint
+from pocketlm.config import ModelConfig
+from pocketlm.errors import ConfigError, NotFoundError
+from pocketlm.generate import generate, resolve_do_sample
+from pocketlm.model import Transformer
+from pocketlm.tokenizer import Tokenizer
+
+# transformers' sampling defaults, used when sampling and neither the call nor the checkpoint's
+# generation_config.json sets them
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+_GENERATE_ARGS = {"max_length", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                  "num_return_sequences", "eos_token_id", "pad_token_id", "seed"}
+
+
+class CausalLM(Transformer):
+    """A `Transformer` with `from_pretrained`, `save_pretrained` and `generate`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.generation_config: dict[str, Any] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device=None, dtype=None, torch_dtype=None,
+                        allow_pickle: bool = False) -> "CausalLM":
+        """Load a local checkpoint folder. `torch_dtype` is accepted as an alias of `dtype`."""
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ConfigError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one")
+        model = checkpoint.load_pretrained(path, device=device, dtype=dtype or torch_dtype,
+                                           allow_pickle=allow_pickle, cls=cls)
+        model.generation_config = checkpoint.read_generation_config(path)
+        return model
+
+    @classmethod
+    def from_config(cls, config: ModelConfig | str | dict, *, device=None, dtype=None) -> "CausalLM":
+        """A randomly initialised model from a ModelConfig, a preset name or an HF config dict."""
+        if isinstance(config, str):
+            config = ModelConfig.preset(config)
+        elif isinstance(config, dict):
+            config = ModelConfig.from_hf_config(config)
+        model = cls(config)
+        if dtype is not None:
+            model = model.to(checkpoint._resolve_dtype(dtype, torch.float32))
+        model.generation_config = {k: v for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                                   if (v := getattr(config, k)) is not None}
+        return model.to(device) if device is not None else model
+
+    def save_pretrained(self, folder: str | Path, tokenizer: Tokenizer | None = None,
+                        max_shard_size: int | None = None) -> Path:
+        return checkpoint.save_pretrained(self, folder, tokenizer=tokenizer,
+                                          generation_config=self.generation_config,
+                                          max_shard_size=max_shard_size)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
+        """transformers-style generate: returns the prompt followed by the new tokens.
+
+        Settings come from the call, then the checkpoint's generation_config.json. When
+        `do_sample` is not passed, an explicit temperature/top_k/top_p or several return
+        sequences mean sampling (see pocketlm.generate)."""
+        unknown = set(kwargs) - _GENERATE_ARGS
+        if unknown:
+            raise ConfigError(f"generate() got unsupported arguments {sorted(unknown)}; "
+                              f"supported: {sorted(_GENERATE_ARGS)}")
+        gc = self.generation_config
+        do_sample = kwargs.pop("do_sample", None)
+        caller_chose = {"temperature", "top_k", "top_p"} & kwargs.keys() or kwargs.get("num_return_sequences", 1) > 1
+        if do_sample is None and not caller_chose:
+            do_sample = gc.get("do_sample", False)
+        do_sample = resolve_do_sample(do_sample, kwargs.get("temperature"), kwargs.get("top_k"),
+                                      kwargs.get("top_p"), kwargs.get("num_return_sequences", 1))
+        settings = {k: gc[k] for k in ("max_length", "max_new_tokens", "eos_token_id", "pad_token_id")
+                    if gc.get(k) is not None}
+        if "max_length" in kwargs or "max_new_tokens" in kwargs:
+            settings.pop("max_length", None)
+            settings.pop("max_new_tokens", None)
+        if do_sample:
+            settings.update({k: gc.get(k, default) for k, default in SAMPLING_DEFAULTS.items()})
+        settings.update(kwargs)
+        return generate(self, input_ids, attention_mask, do_sample=do_sample, **settings)
+
+
+class AutoModelForCausalLM:
+    """Entry point as in transformers; returns a `CausalLM`."""
+
+    from_pretrained = CausalLM.from_pretrained
+    from_config = CausalLM.from_config
+
+    def __init__(self):
+        raise TypeError("use AutoModelForCausalLM.from_pretrained(path) or .from_config(config)")
+
+
+class AutoTokenizer:
+    """Entry point as in transformers; returns a `Tokenizer`."""
+
+    def __init__(self):
+        raise TypeError("use AutoTokenizer.from_pretrained(path)")
+
+    @staticmethod
+    def from_pretrained(path: str | Path) -> Tokenizer:
+        if not Path(path).expanduser().exists():
+            raise NotFoundError(checkpoint.not_local_message(path))
+        return Tokenizer.from_pretrained(Path(path).expanduser())
+
+
+# the names from the classic snippets: same loaders, the checkpoint's config decides the family
+GPT2Tokenizer = AutoTokenizer
+GPT2LMHeadModel = AutoModelForCausalLM
+LlamaForCausalLM = AutoModelForCausalLM
