@@ -142,9 +142,11 @@ class ModelConfig:
             if model_type == "pocketlm":
                 known = {f.name for f in dataclasses.fields(cls)}
                 return cls(**{k: v for k, v in hf.items() if k in known})
+        except ConfigError:
+            raise
         except KeyError as e:
             raise ConfigError(f"config.json of model_type {model_type!r} lacks the field {e.args[0]!r}") from None
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ConfigError(f"config.json has a field of the wrong type: {e}") from None
         raise ConfigError(f"unknown architecture model_type={model_type!r}; pocketlm loads "
                           "'gpt2', 'llama' and 'pocketlm' checkpoints")

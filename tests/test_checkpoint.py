@@ -213,3 +213,12 @@ def test_failed_save_leaves_previous_checkpoint_intact(saved, monkeypatch):
     assert (saved / "model.safetensors").read_bytes() == before
     assert not list(saved.glob(".*tmp"))
     load_pretrained(saved)
+
+
+@pytest.mark.parametrize("field, value", [("rope_parameters", {"rope_theta": "fast"}), ("rms_norm_eps", "tiny"), ("hidden_size", "wide"),
+                                          ("num_hidden_layers", 2.5), ("vocab_size", None)])
+def test_config_fields_of_the_wrong_type(saved, field, value):
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ConfigError):
+        load_pretrained(saved)
