@@ -20,15 +20,9 @@ import torch
 from pocketlm import checkpoint
 from pocketlm.config import ModelConfig
 from pocketlm.errors import ConfigError, NotFoundError
-from pocketlm.generate import generate, resolve_do_sample
+from pocketlm.generate import Generator
 from pocketlm.model import Transformer
 from pocketlm.tokenizer import Tokenizer
-
-# transformers' sampling defaults, used when sampling and neither the call nor the checkpoint's
-# generation_config.json sets them
-SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
-_GENERATE_ARGS = {"max_length", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                  "num_return_sequences", "eos_token_id", "pad_token_id", "seed"}
 
 
 class CausalLM(Transformer):
@@ -70,32 +64,20 @@ class CausalLM(Transformer):
                                           max_shard_size=max_shard_size)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **kwargs) -> torch.Tensor:
+                 streamer=None, **kwargs) -> torch.Tensor:
         """transformers-style generate: returns the prompt followed by the new tokens.
 
         Settings come from the call, then the checkpoint's generation_config.json. When
-        `do_sample` is not passed, an explicit temperature/top_k/top_p or several return
-        sequences mean sampling (see pocketlm.generate)."""
-        unknown = set(kwargs) - _GENERATE_ARGS
-        if unknown:
-            raise ConfigError(f"generate() got unsupported arguments {sorted(unknown)}; "
-                              f"supported: {sorted(_GENERATE_ARGS)}")
-        gc = self.generation_config
-        do_sample = kwargs.pop("do_sample", None)
-        caller_chose = {"temperature", "top_k", "top_p"} & kwargs.keys() or kwargs.get("num_return_sequences", 1) > 1
-        if do_sample is None and not caller_chose:
-            do_sample = gc.get("do_sample", False)
-        do_sample = resolve_do_sample(do_sample, kwargs.get("temperature"), kwargs.get("top_k"),
-                                      kwargs.get("top_p"), kwargs.get("num_return_sequences", 1))
-        settings = {k: gc[k] for k in ("max_length", "max_new_tokens", "eos_token_id", "pad_token_id")
-                    if gc.get(k) is not None}
-        if "max_length" in kwargs or "max_new_tokens" in kwargs:
-            settings.pop("max_length", None)
-            settings.pop("max_new_tokens", None)
-        if do_sample:
-            settings.update({k: gc.get(k, default) for k, default in SAMPLING_DEFAULTS.items()})
-        settings.update(kwargs)
-        return generate(self, input_ids, attention_mask, do_sample=do_sample, **settings)
+        `do_sample` is not passed, an explicit temperature/top_k/top_p/min_p or several return
+        sequences mean sampling (see pocketlm.generate). `streamer` receives each step's new
+        tokens: an object with put(tokens)/end() as in transformers, or a callable."""
+        on_tokens = None
+        if streamer is not None:
+            on_tokens = streamer.put if hasattr(streamer, "put") else streamer
+        out = Generator(self).generate_ids(input_ids, attention_mask, on_tokens=on_tokens, **kwargs)
+        if hasattr(streamer, "end"):
+            streamer.end()
+        return out
 
 
 class AutoModelForCausalLM:

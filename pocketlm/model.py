@@ -210,9 +210,11 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: KVCache | None = None,
-                position_ids: torch.Tensor | None = None) -> CausalLMOutput:
+                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
         """input_ids (B, T); attention_mask (B, S) with 0 at padding, covering cached + new
-        positions; labels (B, T) scored against the next token, -100 ignored; cache appends."""
+        positions; labels (B, T) scored against the next token, -100 ignored; cache appends.
+        logits_to_keep=k computes logits for the last k positions only (0: all), which saves
+        the (T, V) output projection when only the next token matters."""
         config = self.config
         _check_input_ids(input_ids, config.vocab_size)
         B, T = input_ids.shape
@@ -241,6 +243,8 @@ class Transformer(nn.Module):
             x = layer(x, rope, mask, cache, i)
         if cache is not None:
             cache.length = past + T
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.model.norm(x))  # (B, T, V)
 
         loss = None

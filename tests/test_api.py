@@ -106,7 +106,7 @@ def test_generation_stops_at_eos_from_generation_config(gpt2_folder):
 def test_generate_rejects_bad_arguments(gpt2_folder):
     model = AutoModelForCausalLM.from_pretrained(gpt2_folder)
     prompt = torch.tensor([[1, 2, 3]])
-    with pytest.raises(ConfigError, match="unsupported arguments"):
+    with pytest.raises(ConfigError, match="unknown generation settings"):
         model.generate(prompt, beams=3)
     with pytest.raises(ConfigError, match="temperature"):
         model.generate(prompt, do_sample=True, temperature=-1.0)
