@@ -1,16 +1,19 @@
 """The `pocketlm` command: a thin layer of verbs over the Python API.
 
 Every PocketLMError becomes one line on stderr and exit code 2 (a traceback only with --debug).
+Generated text goes to stdout; notices about the run (dropped turns, interruptions) go to stderr,
+so `pocketlm generate ... > out.txt` captures only the model's words.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from pocketlm import __version__
-from pocketlm.errors import PocketLMError
+from pocketlm.errors import ConfigError, ContextLengthError, PocketLMError
 
 
 def cmd_info(args) -> int:
@@ -55,6 +58,229 @@ def cmd_train_tokenizer(args) -> int:
     return 0
 
 
+# --- generate and chat ---------------------------------------------------------------------------
+
+def load_for_generation(args):
+    """(Generator, Tokenizer) for the checkpoint folder in args.model."""
+    from pocketlm.api import CausalLM
+    from pocketlm.checkpoint import resolve_folder
+    from pocketlm.generate import Generator
+    from pocketlm.tokenizer import Tokenizer
+
+    folder = resolve_folder(args.model)
+    model = CausalLM.from_pretrained(folder, device=_device(args.device), dtype=args.dtype)
+    tokenizer = Tokenizer.from_pretrained(folder)
+    return Generator(model, tokenizer), tokenizer
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:  # use the GPU when there is one
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this machine has no CUDA GPU that torch can use")
+    return device
+
+
+def sampling_overrides(args) -> dict:
+    """Generation settings the user passed on the command line (unset flags leave the
+    checkpoint's generation_config.json in charge)."""
+    from pocketlm.generate import SAMPLING_KEYS
+
+    names = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
+             "num_return_sequences")
+    overrides = {k: getattr(args, k, None) for k in names if getattr(args, k, None) is not None}
+    if args.greedy:
+        overrides["do_sample"] = False
+    elif any(k in overrides for k in SAMPLING_KEYS) or overrides.get("num_return_sequences", 1) > 1:
+        # the library would infer the same and log a line about it; here the flag says it all
+        overrides["do_sample"] = True
+    return overrides
+
+
+def _stop_settings(generator, session, extra_stop: list[str]) -> dict:
+    # added to the checkpoint's own stop rules, never replacing them
+    overrides = {}
+    stop = [*extra_stop, *(session.stop if session else [])]
+    if stop:
+        overrides["stop"] = [*generator.config.stop, *stop]
+    if session and session.stop_token_ids:
+        overrides["stop_token_ids"] = [*generator.config.stop_token_ids, *session.stop_token_ids]
+    return overrides
+
+
+def cmd_generate(args) -> int:
+    from pocketlm.chat import ChatSession
+
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system is a chat message; add --chat to send the prompt through the chat template")
+    generator, tokenizer = load_for_generation(args)
+    text = sys.stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
+    overrides = sampling_overrides(args)
+    session = None
+    prompt: str | list[int] = text
+    if args.chat:
+        session = ChatSession(tokenizer, generator.model.config.max_position, system=args.system)
+        session.add("user", text)
+        prompt = session.encode()
+    overrides.update(_stop_settings(generator, session, args.stop))
+    if args.show_probs is not None:
+        overrides["logprobs"] = args.show_probs
+
+    n = overrides.get("num_return_sequences", 1)
+    stream = n == 1 if args.stream is None else args.stream
+    if stream and n > 1:
+        raise ConfigError("--stream shows one sequence; drop it or --num-return-sequences")
+    if stream:
+        steps = []
+        for chunk in generator.stream_chunks(prompt, **overrides):
+            steps.append(chunk)
+            print(chunk.text, end="", flush=True)
+        print()
+        completions = [[c.logprob for c in steps if c.logprob is not None]]
+    else:
+        results = generator.generate(prompt, **overrides)
+        results = results if isinstance(results, list) else [results]
+        for i, completion in enumerate(results, 1):
+            if n > 1:
+                print(f"--- sequence {i} ---")
+            print(completion.text)
+        completions = [c.logprobs or [] for c in results]
+    if args.show_probs is not None:
+        for i, logprobs in enumerate(completions, 1):
+            print(f"\n--- token probabilities{f' (sequence {i})' if n > 1 else ''} ---")
+            print(format_probabilities(logprobs))
+    return 0
+
+
+def format_probabilities(logprobs) -> str:
+    """One row per generated token: the chosen token and its probability, then the model's most
+    likely candidates at that step — the choice the sampler made, made visible."""
+    rows = [(str(step), _shown(t.token), _prob(t.logprob),
+             "  ".join(f"{_shown(text)} {_prob(lp)}" for _, text, lp in t.top))
+            for step, t in enumerate(logprobs, 1)]
+    header = ("#", "token", "p", "top candidates (p)")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    return "\n".join(f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip()
+                     for r in [header, *rows])
+
+
+def _shown(token: str) -> str:
+    return repr(token)  # quotes show leading spaces; escapes show newlines
+
+
+def _prob(logprob: float) -> str:
+    return f"{math.exp(logprob):.3g}"  # 3 significant digits: a rare token shows as 2e-05, not 0.000
+
+
+CHAT_HELP = "Commands: /reset clears the conversation, /exit quits (so do Ctrl-D and Ctrl-C at the prompt)"
+
+
+def cmd_chat(args) -> int:
+    from pocketlm.chat import ChatSession
+
+    generator, tokenizer = load_for_generation(args)
+    window = generator.model.config.max_position
+    overrides = sampling_overrides(args)
+    max_new = overrides.pop("max_new_tokens", None) or generator.config.max_new_tokens
+    session = ChatSession(tokenizer, window, system=args.system, max_new_tokens=max_new)
+    overrides.update(_stop_settings(generator, session, args.stop), max_new_tokens=session.max_new_tokens)
+    generator.config.updated(**overrides).validate()  # a bad flag fails now, not after the first question
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input(), where available)
+        except ImportError:
+            pass
+        note = "" if tokenizer.chat_template else "; no chat template, so a plain User:/Assistant: transcript"
+        print(f"chatting with {args.model} ({window} token window{note}). {CHAT_HELP}", file=sys.stderr)
+
+    while True:
+        line = _read_line(interactive)
+        if line is None or line.strip() == "/exit":
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+            continue
+        session.add("user", line)
+        try:
+            prompt = session.prompt()
+        except ContextLengthError as e:
+            session.messages.pop()  # the message that does not fit; the chat goes on without it
+            print(f"pocketlm: {e}", file=sys.stderr)
+            continue
+        if prompt.dropped:
+            print(f"(dropped {prompt.dropped} oldest turn{'s' if prompt.dropped > 1 else ''} to fit the "
+                  f"{window} token context window)", file=sys.stderr)
+        session.add("assistant", _stream_answer(generator, prompt.ids, overrides))
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next line the user typed, or None at end of input (Ctrl-D) or Ctrl-C."""
+    try:
+        if interactive:
+            return input("> ")
+        line = sys.stdin.readline()  # tests and pipes feed stdin; no terminal needed
+        return line if line else None
+    except (EOFError, KeyboardInterrupt):
+        if interactive:
+            print(file=sys.stderr)
+        return None
+
+
+def _stream_answer(generator, ids: list[int], overrides: dict) -> str:
+    """Print the answer as it is generated; Ctrl-C stops it early and keeps what was said."""
+    parts = []
+    try:
+        for delta in generator.stream(ids, **overrides):
+            if not parts:
+                delta = delta.lstrip()  # the plain format's "Assistant:" is followed by a space
+                if not delta:
+                    continue
+            parts.append(delta)
+            print(delta, end="", flush=True)
+    except KeyboardInterrupt:
+        print(file=sys.stdout)
+        print("(answer stopped)", file=sys.stderr)
+        return "".join(parts).strip()
+    print()
+    return "".join(parts).strip()
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint folder (config.json + model.safetensors + tokenizer.json)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", help="float32, bfloat16, float16 or auto (the stored dtype); default float32")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (unset: the checkpoint's generation_config.json decides)")
+    g.add_argument("--max-new-tokens", type=int, metavar="N", help="how many tokens to generate at most")
+    g.add_argument("--temperature", type=float, help="sample with this temperature (0 means greedy)")
+    g.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
+    g.add_argument("--top-p", type=float, metavar="P",
+                   help="sample among the fewest tokens whose probability reaches P (nucleus sampling)")
+    g.add_argument("--min-p", type=float, metavar="P", help="drop tokens less likely than P × the best one")
+    g.add_argument("--repetition-penalty", type=float, metavar="X", help="make repeated tokens less likely (>1)")
+    g.add_argument("--seed", type=int, help="make sampling reproducible")
+    g.add_argument("--greedy", action="store_true",
+                   help="always pick the most likely token, whatever sampling flags say")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the text contains TEXT (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pocketlm", description="Train, load and run language models on your own machine.")
@@ -73,6 +299,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="special tokens; the first is end-of-text (default: <|endoftext|>)")
     p.add_argument("--out", required=True, help="folder to write tokenizer.json and its config into")
     p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("generate", help="continue a prompt with a model",
+                       description="Continue PROMPT with the model and print the new text. Passing a "
+                                   "sampling flag (--temperature, --top-k, --top-p, --min-p) means sample; "
+                                   "--greedy always decodes greedily.")
+    _add_model_flags(p)
+    p.add_argument("prompt", help="the text to continue; - reads it from stdin")
+    _add_sampling_flags(p)
+    p.add_argument("--num-return-sequences", type=int, metavar="N", help="how many samples to draw")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print tokens as they are generated (default: on for one sequence)")
+    p.add_argument("--show-probs", type=int, nargs="?", const=5, metavar="N",
+                   help="after the text, list each token with its probability and the N most likely "
+                        "candidates (default N: 5)")
+    p.add_argument("--chat", action="store_true",
+                   help="send PROMPT as one user message through the model's chat template")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="talk with a model in the terminal",
+                       description="A multi-turn chat on stdin/stdout using the model's chat template. "
+                                   f"{CHAT_HELP}; "
+                                   "Ctrl-C during an answer stops that answer.")
+    _add_model_flags(p)
+    p.add_argument("--system", metavar="TEXT", help="a system message that stays at the top of the conversation")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 
