@@ -29,6 +29,7 @@ import torch
 
 from pocketlm.errors import ConfigError, ContextLengthError
 from pocketlm.model import Transformer
+from pocketlm.packing import pack_linears
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +278,13 @@ class Generator:
     """Prefill + decode with a pre-allocated KV cache, for one prompt or a left-padded batch."""
 
     def __init__(self, model: Transformer, tokenizer=None, config: GenerationConfig | None = None,
-                 compile: bool = False):
+                 compile: bool = False, pack: bool = True):
+        """pack: lay CPU weights out for fast decoding (pocketlm.packing; same parameters and
+        values, a no-op on GPU). compile: torch.compile the model (pays off on GPU; on CPU it
+        costs a long first call for little gain, see docs/benchmarks.md)."""
         self.model = model
+        if pack:
+            pack_linears(model)
         self.tokenizer = tokenizer
         if config is None:
             config = GenerationConfig.from_dict(getattr(model, "generation_config", None) or {})
@@ -389,10 +395,10 @@ class Generator:
         padded = bool((mask == 0).any())
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
-        generator = None
-        if cfg.sampling:
+        generator = None  # without a seed, sample from torch's global RNG (torch.manual_seed applies)
+        if cfg.sampling and cfg.seed is not None:
             generator = torch.Generator(device=device)
-            generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+            generator.manual_seed(cfg.seed)
         seen = None
         if cfg.repetition_penalty not in (None, 1.0):
             seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
