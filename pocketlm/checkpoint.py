@@ -23,6 +23,7 @@ from pocketlm.config import ModelConfig
 from pocketlm.errors import ConfigError, FormatError, NotFoundError, UnsafeFormatError, TokenizerError
 from pocketlm.files import atomic_path, atomic_write_json, read_json
 from pocketlm.model import Transformer
+from pocketlm.packing import standalone
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +103,14 @@ def save_pretrained(model: Transformer, folder: str | Path, tokenizer=None,
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's tensors under its family's Hugging Face names (tied lm_head left out)."""
     config = model.config
-    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    ours = {k: standalone(v.detach()) for k, v in model.state_dict().items()}
     if config.tie_embeddings:
         ours.pop("lm_head.weight")
     if config.family != "gpt2":
-        return {k: v.contiguous() for k, v in ours.items()}
+        return ours
     out = {}
     for hf_name, name in _GPT2_GLOBAL.items():
-        out[f"transformer.{hf_name}"] = ours.pop(name).contiguous()
+        out[f"transformer.{hf_name}"] = ours.pop(name)
     for i in range(config.n_layer):
         prefix, hf_prefix = f"model.layers.{i}.", f"transformer.h.{i}."
         for hf_name, (name, transposed) in _GPT2_LAYER.items():
@@ -119,7 +120,7 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         out[hf_prefix + "attn.c_attn.weight"] = torch.cat((q, k, v), 0).t().contiguous()
         q, k, v = (ours.pop(f"{prefix}self_attn.{p}_proj.bias") for p in "qkv")
         out[hf_prefix + "attn.c_attn.bias"] = torch.cat((q, k, v), 0).contiguous()
-    out.update({k: v.contiguous() for k, v in ours.items()})  # lm_head.weight when untied
+    out.update(ours)  # lm_head.weight when untied
     return out
 
 

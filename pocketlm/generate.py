@@ -29,7 +29,7 @@ import torch
 
 from pocketlm.errors import ConfigError, ContextLengthError
 from pocketlm.model import Transformer
-from pocketlm.packing import pack_linears
+from pocketlm.packing import pack_linears, unpack_linears
 
 log = logging.getLogger(__name__)
 
@@ -280,10 +280,14 @@ class Generator:
     def __init__(self, model: Transformer, tokenizer=None, config: GenerationConfig | None = None,
                  compile: bool = False, pack: bool = True):
         """pack: lay CPU weights out for fast decoding (pocketlm.packing; same parameters and
-        values, a no-op on GPU). compile: torch.compile the model (pays off on GPU; on CPU it
-        costs a long first call for little gain, see docs/benchmarks.md)."""
+        values, a no-op on GPU). compile: run each decode step through torch.compile with static
+        shapes; it needs a C++ compiler on CPU and costs about a minute on the first call of each
+        shape, and on CPU it decodes slower than the packed eager path (docs/benchmarks.md), so
+        it is off by default. The compiled step uses the compiler's kernels, not packed ones."""
         self.model = model
-        if pack:
+        if compile:
+            unpack_linears(model)  # the packed path's thread split cannot be traced
+        elif pack:
             pack_linears(model)
         self.tokenizer = tokenizer
         if config is None:
@@ -293,11 +297,9 @@ class Generator:
             if config.eos_token_id is None and tokenizer is not None:
                 config.eos_token_id = tokenizer.eos_token_id
         self.config = config
-        self._step = model
-        if compile:
-            # dynamic: the cached length grows by one each step; marking it dynamic avoids a
-            # recompile per length
-            self._step = torch.compile(model, dynamic=True)
+        # the compiled decode step: static shapes (the whole cache under a mask, the slot as a
+        # tensor), so one compilation serves every step of every request of the same shape
+        self._compiled_step = torch.compile(model.decode_step, dynamic=False) if compile else None
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -409,6 +411,10 @@ class Generator:
         cache = model.new_cache(B, cache_len)
         logits = model(ids, attention_mask=mask if padded else None, cache=cache,
                        position_ids=positions, logits_to_keep=1).logits[:, -1]
+        key_mask = None
+        if self._compiled_step is not None:
+            key_mask = torch.zeros(B, cache_len, dtype=torch.bool, device=device)
+            key_mask[:, :longest] = mask.bool()
         finished = [False] * B
         for step in range(max_new):
             logits = logits.float()
@@ -443,8 +449,14 @@ class Generator:
             if padded:
                 mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
             positions = positions[:, -1:] + 1
-            logits = self._step(tokens[:, None], attention_mask=mask if padded else None, cache=cache,
-                                position_ids=positions).logits[:, -1]
+            if key_mask is None:
+                logits = model(tokens[:, None], attention_mask=mask if padded else None, cache=cache,
+                               position_ids=positions).logits[:, -1]
+            else:
+                key_mask[:, cache.length] = True
+                slot = torch.tensor([cache.length], device=device)
+                logits = self._compiled_step(tokens[:, None], positions, slot, key_mask, cache)[:, -1]
+                cache.length += 1
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, top_n: int) -> list[TokenLogprob]:
         # log-probabilities under the model itself, before temperature and filtering

@@ -53,6 +53,23 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None = None):
+        """Store new keys/values (B, K, T, D) of one layer; return what attention reads.
+
+        Without slots they go after the `length` stored positions and attention reads the filled
+        part. With slots (a (T,) tensor of cache indices, as the static decode step passes) they
+        go there and attention reads the whole buffer under a mask: the same shapes every step,
+        and no Python number that changes, which is what torch.compile needs."""
+        keys, values = self.keys[layer], self.values[layer]
+        if slots is not None:
+            keys.index_copy_(2, slots, k)
+            values.index_copy_(2, slots, v)
+            return keys, values
+        end = self.length + k.shape[2]
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]  # (B, K, S, D)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -108,18 +125,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.bias)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int):
+    def project_qkv(self, x):
+        # one place for the three input projections, so a fused product can stand in for them
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, slots=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            start, end = cache.length, cache.length + T
-            cache.keys[layer][:, :, start:end] = k
-            cache.values[layer][:, :, start:end] = v
-            k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]  # (B, K, S, D)
+            k, v = cache.update(layer, k, v, slots)  # (B, K, S, D)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1 and k.shape[2] == T,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
@@ -137,9 +156,13 @@ class MLP(nn.Module):
         self.act = {"silu": F.silu, "gelu": F.gelu,
                     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[config.act]
 
+    def project_gate_up(self, x):
+        return self.gate_proj(x), self.up_proj(x)
+
     def forward(self, x):
         if self.swiglu:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = self.project_gate_up(x)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.up_proj(x)))
 
 
@@ -152,8 +175,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, mask, cache, layer):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache, layer))
+    def forward(self, x, rope, mask, cache, layer, slots=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, slots))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -230,16 +253,7 @@ class Transformer(nn.Module):
             raise ContextLengthError(f"position {int(position_ids.max())} is beyond the model's context "
                                      f"window of {config.max_position} tokens; shorten the input")
 
-        x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        rope = None
-        if config.pos == "learned":
-            x = x + self.model.embed_positions(position_ids)
-        elif config.pos == "sinusoidal":
-            x = x + sinusoidal_encoding(position_ids, config.n_embd).to(x.dtype)
-        else:
-            rope = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, x.dtype)
-        x = self.model.dropout(x)
-
+        x, rope = self._embed(input_ids, position_ids)
         mask = _attention_mask(attention_mask, past, T, x.device)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, rope, mask, cache, i)
@@ -255,6 +269,34 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss)
+
+
+    def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, slots: torch.Tensor,
+                    key_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decoding step with the same shapes every time, for torch.compile: input_ids and
+        position_ids (B, 1) go to cache slot `slots` (1,); key_mask (B, S_max) is True at every
+        slot each row may attend to (its real tokens so far, this one included). Returns logits
+        (B, 1, V).
+        The caller validated the inputs and advances cache.length; nothing here reads a Python
+        number that changes between steps."""
+        x, rope = self._embed(input_ids, position_ids)
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, S_max): new tokens see the filled slots
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, rope, mask, cache, i, slots)
+        return self.lm_head(self.model.norm(x))
+
+    def _embed(self, input_ids, position_ids):
+        """Token embeddings plus learned or sinusoidal positions (B, T, C), and RoPE's tables."""
+        config = self.config
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        rope = None
+        if config.pos == "learned":
+            x = x + self.model.embed_positions(position_ids)
+        elif config.pos == "sinusoidal":
+            x = x + sinusoidal_encoding(position_ids, config.n_embd).to(x.dtype)
+        else:
+            rope = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, x.dtype)
+        return self.model.dropout(x), rope
 
 
 def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:

@@ -264,5 +264,10 @@ def test_compiled_decode_step_gives_the_same_tokens():
     model = randomize(CausalLM.from_config(config), seed=2).eval()
     prompt = torch.tensor([[1, 2, 3, 4]])
     eager = Generator(model).generate_ids(prompt, max_new_tokens=6, do_sample=False)
-    compiled = Generator(model, compile=True).generate_ids(prompt, max_new_tokens=6, do_sample=False)
-    assert torch.equal(eager, compiled)
+    compiled = Generator(model, compile=True)
+    assert torch.equal(compiled.generate_ids(prompt, max_new_tokens=6, do_sample=False), eager)
+    # a left-padded batch: the static step's key mask must hide the padding
+    batch = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert torch.equal(compiled.generate_ids(batch, mask, max_new_tokens=6, do_sample=False),
+                       Generator(model).generate_ids(batch, mask, max_new_tokens=6, do_sample=False))

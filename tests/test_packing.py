@@ -9,7 +9,7 @@ from conftest import TINY, randomize
 from pocketlm.checkpoint import load_pretrained, save_pretrained
 from pocketlm.config import ModelConfig
 from pocketlm.model import Transformer
-from pocketlm.packing import FastLinear, pack_linears, unpack_linears
+from pocketlm.packing import FastLinear, FusedWeights, pack_linears, unpack_linears
 
 
 def _model(name: str, seed: int = 0) -> Transformer:
@@ -134,6 +134,53 @@ def test_optimizer_created_before_packing_still_trains_the_model():
         opt.step()
     for (name, p), r in zip(packed.named_parameters(), reference.parameters()):
         assert torch.allclose(p, r, atol=1e-5), name
+    # the optimizer updated the weights in place, so the fused buffers hold the new values too
+    packed.eval(), reference.eval()
+    with torch.no_grad():
+        assert torch.allclose(packed(ids).logits, reference(ids).logits, atol=1e-5)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    calls = []
+    original = FusedWeights.__call__
+    monkeypatch.setattr(FusedWeights, "__call__", lambda self, x: calls.append(self) or original(self, x))
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_fused_projections_run_as_one_product_without_grad(name, fused_calls):
+    model, reference = _model(name), _model(name)
+    pack_linears(model)
+    attn = model.model.layers[0].self_attn
+    q, k = attn.q_proj.weight, attn.k_proj.weight
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()  # one buffer
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-5)
+    per_layer = 2 if model.config.mlp == "swiglu" else 1  # q|k|v, and gate|up in SwiGLU
+    assert len(fused_calls) == per_layer * model.config.n_layer
+    fused_calls.clear()
+    model(ids).logits.sum().backward()  # with grad the separate products run, so grads reach them
+    assert not fused_calls and q.grad is not None and k.grad is not None
+
+
+def test_fused_path_follows_weights_that_move_or_change(fused_calls):
+    model, reference = _model("llama-gqa-tied", seed=3), _model("llama-gqa-tied", seed=3)
+    pack_linears(model)
+    ids = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        for m in (model, reference):  # an in-place edit of one weight reaches the fused buffer
+            m.model.layers[1].self_attn.v_proj.weight.mul_(2.0)
+        assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-5)
+        model.to(torch.float64)  # new storage for every parameter: the stale buffer must not be used
+        fused_calls.clear()
+        assert torch.allclose(model(ids).logits, reference.to(torch.float64)(ids).logits, atol=1e-10)
+        assert not fused_calls
+        other = _model("llama-gqa-tied", seed=4).to(torch.float64)
+        model.load_state_dict(other.state_dict(), assign=True)
+        model.tie_weights()
+        assert torch.allclose(model(ids).logits, other(ids).logits, atol=1e-10)
 
 
 def test_include_filter_and_gpu_models_untouched():
