@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import struct
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from pocketlm.config import ModelConfig
 from pocketlm.errors import ConfigError, FormatError, NotFoundError, UnsafeFormatError, TokenizerError
 from pocketlm.files import atomic_path, atomic_write_json, read_json
 from pocketlm.model import Transformer
-from pocketlm.packing import standalone
+from pocketlm.packing import standalone, wants_transposed_storage
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ _GPT2_LAYER = {
     "mlp.c_proj.weight": ("mlp.down_proj.weight", True), "mlp.c_proj.bias": ("mlp.down_proj.bias", False),
 }
 _GPT2_IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers, not weights
+TRANSPOSED_READ_BYTES = 4 << 20  # bounce buffer for reading a matrix into transposed storage
 _LLAMA_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 
@@ -173,7 +175,8 @@ def load_pretrained(path: str | Path, device=None, dtype=None, allow_pickle: boo
     folder = resolve_folder(path)
     config = load_config(folder)
     check_tokenizer_fits(folder, config)
-    raw = _read_weights(folder, allow_pickle)
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    raw = _read_weights(folder, allow_pickle, _output_head_names(config) if on_cpu else ())
     tensors = _from_hf_names(config, raw)
 
     with torch.device("meta"):
@@ -197,6 +200,17 @@ def load_pretrained(path: str | Path, device=None, dtype=None, allow_pickle: boo
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     return model.eval()
+
+
+def _output_head_names(config: ModelConfig) -> set[str]:
+    """The names the output projection's matrix may have on disk (the embedding's when tied),
+    when decoding reads it faster from transposed storage (pocketlm.packing). Reading it that
+    way at once spares the second copy that re-laying it out later would briefly need."""
+    if not wants_transposed_storage(config.vocab_size, config.n_embd):
+        return set()
+    if not config.tie_embeddings:
+        return {"lm_head.weight"}
+    return {"model.embed_tokens.weight", "transformer.wte.weight", "wte.weight"}
 
 
 def check_tokenizer_fits(folder: Path, config: ModelConfig) -> None:
@@ -240,9 +254,9 @@ def _names(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _read_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def _read_weights(folder: Path, allow_pickle: bool, transposed: Collection[str] = ()) -> dict[str, torch.Tensor]:
     if (folder / WEIGHTS).is_file():
-        return read_safetensors(folder / WEIGHTS)
+        return read_safetensors(folder / WEIGHTS, transposed)
     if (folder / WEIGHTS_INDEX).is_file():
         index = read_json(folder / WEIGHTS_INDEX, "safetensors index")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -252,7 +266,7 @@ def _read_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         for shard in sorted(set(weight_map.values())):
             if Path(shard).name != shard:
                 raise FormatError(f"{folder / WEIGHTS_INDEX} names shard {shard!r} outside the folder")
-            tensors.update(read_safetensors(folder / shard))
+            tensors.update(read_safetensors(folder / shard, transposed))
         absent = sorted(set(weight_map) - set(tensors))
         if absent:
             raise FormatError(f"{folder}: the index lists tensors no shard holds: {_names(absent)}")
@@ -321,21 +335,40 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]
     return header, 8 + n
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, transposed: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """Read every tensor of a validated safetensors file into fresh memory. Plain reads, not a
     memory map, so the file's pages do not sit in the process beside the copies (a mapped 540 MB
-    checkpoint would otherwise count twice towards peak memory while loading)."""
+    checkpoint would otherwise count twice towards peak memory while loading).
+
+    Matrices named in `transposed` get the same shape and values in transposed storage, filled
+    a few rows at a time, so a layout that decoding prefers costs no second copy of the matrix."""
     header, data_start = read_safetensors_header(path)
     tensors = {}
     with open(path, "rb") as f:
         for name, info in header.items():
-            t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]][0])
+            dtype, shape = _ST_DTYPES[info["dtype"]][0], info["shape"]
             begin, end = info["data_offsets"]
             f.seek(data_start + begin)
-            if end > begin and f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != end - begin:
-                raise FormatError(f"{path}: tensor {name!r} ends past the end of the file (truncated?)")
+            if name in transposed and len(shape) == 2 and end > begin:
+                t = torch.empty(shape[::-1], dtype=dtype).t()
+                step = max(1, TRANSPOSED_READ_BYTES // ((end - begin) // shape[0]))
+                bounce = torch.empty(min(step, shape[0]), shape[1], dtype=dtype)
+                for row in range(0, shape[0], step):
+                    rows = bounce[:min(step, shape[0] - row)]
+                    _read_exactly(f, rows, path, name)
+                    t[row:row + len(rows)] = rows
+            else:
+                t = torch.empty(shape, dtype=dtype)
+                if end > begin:
+                    _read_exactly(f, t, path, name)
             tensors[name] = t
     return tensors
+
+
+def _read_exactly(f, t: torch.Tensor, path: Path, name: str) -> None:
+    want = t.numel() * t.element_size()
+    if f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != want:
+        raise FormatError(f"{path}: tensor {name!r} ends past the end of the file (truncated?)")
 
 
 def _from_hf_names(config: ModelConfig, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -189,3 +189,19 @@ def test_include_filter_and_gpu_models_untouched():
     assert type(model.lm_head) is nn.Linear
     meta = Transformer(ModelConfig(**TINY["gpt2-untied"])).to("meta")
     assert pack_linears(meta) == 0
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_loading_reads_the_output_head_in_the_layout_packing_wants(name, tmp_path, monkeypatch):
+    source = _model(name, seed=5)
+    save_pretrained(source, tmp_path)
+    monkeypatch.setattr("pocketlm.checkpoint.TRANSPOSED_READ_BYTES", 100)  # several bounce reads
+    model = load_pretrained(tmp_path)
+    head = model.lm_head.weight
+    assert head.t().is_contiguous() and torch.equal(head, source.lm_head.weight)
+    storage = head.untyped_storage().data_ptr()
+    pack_linears(model)  # nothing left to re-lay out, so no second copy of the head
+    assert model.lm_head.weight.untyped_storage().data_ptr() == storage
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, source(ids).logits, atol=1e-5)
