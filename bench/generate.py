@@ -13,7 +13,9 @@ requested number of tokens:
 - prefill tok/s: --prompt-len / time(long prompt → 1 token);
 - peak RSS: the child's ru_maxrss after all runs (imports and loading included).
 
-Medians of --repeats. Both sides' first 32 greedy tokens are checked equal, else the comparison is
+Medians of --repeats timed calls in each of --rounds fresh processes per framework, the rounds
+alternating between the frameworks so that a slow spell of a shared machine hits both. Both
+sides' first 32 greedy tokens are checked equal, else the comparison is
 of different computations and the script says so loudly. Prints a markdown table; --write puts it
 in the "## Generation (bench/generate.py)" section of a markdown file.
 """
@@ -119,6 +121,7 @@ def run_child(args) -> dict:
         "greedy": check,
         "times": times,
         "threads": torch.get_num_threads(),
+        "prefill_len": long.shape[1],
         **info,
     }
 
@@ -154,6 +157,24 @@ def spawn(framework: str, folder: Path, inputs: Path, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])  # the last line: libraries may print too
 
 
+def merge_rounds(runs: list[dict], new_tokens: int) -> dict:
+    """One result from several fresh-process rounds: medians over every timed call of every
+    round, the highest peak RSS, and the first round's greedy tokens (each round is checked)."""
+    first = runs[0]
+    if any(run["greedy"] != first["greedy"] for run in runs):
+        raise SystemExit("the same framework gave different greedy tokens in different rounds")
+    times = {name: [t for run in runs for t in run["times"][name]] for name in first["times"]}
+    pairs = [(full, one) for run in runs for full, one in zip(run["times"]["full"], run["times"]["first"])]
+    steady = {name: statistics.median(t) for name, t in times.items()}
+    return {**first, "times": times,
+            "decode_tok_s": statistics.median(new_tokens / (full - one) for full, one in pairs),
+            "prefill_tok_s": first["prefill_len"] / steady["prefill"],
+            "ttft_ms": steady["first"] * 1000,
+            "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+            "warmup_s": statistics.median(run["warmup_s"] for run in runs),
+            "first_call_extra_s": statistics.median(run["first_call_extra_s"] for run in runs)}
+
+
 def greedy_check(ours: list[int], theirs: list[int]) -> str:
     if ours == theirs:
         return f"the first {CHECK_TOKENS} greedy tokens are identical"
@@ -186,8 +207,9 @@ def report(results: dict, args, gpu: str | None, check: str) -> str:
                    f"{ours['first_call_extra_s']:.1f} s (warm-up minus steady time of the same calls).")
     setup = (f"{PRESET} architecture, random weights (seed {args.seed}), one checkpoint folder loaded by "
              f"both; {args.device}, {args.dtype}, {ours['threads']} threads; greedy with EOS disabled; "
-             f"same random prompt ids; each framework in a fresh process; medians of {args.repeats} "
-             f"after a warm-up. transformers: `generate` with its default cache, attention "
+             f"same random prompt ids; each framework in a fresh process, {args.rounds} round(s) alternating "
+             f"between them; medians of {args.repeats * args.rounds} timed calls, after a warm-up in each "
+             f"process. transformers: `generate` with its default cache, attention "
              f"`{theirs.get('attention')}`. Check: {check}.")
     return "\n".join([
         f"Machine: {machine_description(gpu, ('torch', 'transformers'))}. "
@@ -211,7 +233,9 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in each child")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls of each kind per process")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="fresh processes per framework, alternating; medians are over all rounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="pocketlm's Generator with torch.compile")
     parser.add_argument("--write", metavar="MARKDOWN", help="replace or append this script's section there")
@@ -232,10 +256,12 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / PRESET
         inputs = make_checkpoint(folder, args.seed, args.prompt_len)
-        results = {}
-        for framework in FRAMEWORKS:
-            print(f"running {framework} ...", file=sys.stderr, flush=True)
-            results[framework] = spawn(framework, folder, inputs, args)
+        rounds = {framework: [] for framework in FRAMEWORKS}
+        for round_ in range(1, args.rounds + 1):  # alternate, so a slow spell hits both sides alike
+            for framework in FRAMEWORKS:
+                print(f"round {round_}/{args.rounds}: running {framework} ...", file=sys.stderr, flush=True)
+                rounds[framework].append(spawn(framework, folder, inputs, args))
+        results = {framework: merge_rounds(runs, args.new_tokens) for framework, runs in rounds.items()}
     check = greedy_check(results["pocketlm"]["greedy"], results["transformers"]["greedy"])
     if "MISMATCH" in check:
         print(f"\n!!! {check.strip('*')}\n    pocketlm:     {results['pocketlm']['greedy']}\n"

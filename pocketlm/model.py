@@ -101,18 +101,20 @@ def sinusoidal_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin tables (B, 1, T, D) for rotary embeddings at the given positions (B, T)."""
+    """cos and sin tables (B, 1, T, D) for rotary embeddings at the given positions (B, T).
+    The first half of sin carries rotate_half's minus sign (see apply_rope)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
                                              dtype=torch.float32) / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D): halves rotate together
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)[:, None]  # (B, 1, T, D): halves rotate together
+    sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)[:, None]
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # rotate each pair (x[i], x[i + D/2]) by its position's angle
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    # rotate each pair (x[i], x[i + D/2]) by its position's angle: (x1, x2) ↦ (x1 cos − x2 sin,
+    # x2 cos + x1 sin); rolling by D/2 swaps the halves and the signed sin table does the rest
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class Attention(nn.Module):

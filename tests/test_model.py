@@ -116,7 +116,9 @@ def test_rope_equals_transformers_rotary():
     x = torch.randn(1, 4, 6, config.head_dim)
     hf_cos, hf_sin = rotary(x, positions)
     cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
-    assert torch.allclose(cos[:, 0], hf_cos, atol=1e-6) and torch.allclose(sin[:, 0], hf_sin, atol=1e-6)
+    half = config.head_dim // 2  # our sin table carries rotate_half's sign in its first half
+    signed_hf_sin = torch.cat((-hf_sin[..., :half], hf_sin[..., half:]), dim=-1)
+    assert torch.allclose(cos[:, 0], hf_cos, atol=1e-6) and torch.allclose(sin[:, 0], signed_hf_sin, atol=1e-6)
     q, k = torch.randn(1, 4, 6, config.head_dim), torch.randn(1, 2, 6, config.head_dim)
     hf_q, hf_k = modeling_llama.apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
     assert torch.allclose(apply_rope(q, cos, sin), hf_q, atol=1e-6)
