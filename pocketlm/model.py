@@ -272,15 +272,13 @@ class Transformer(nn.Module):
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss)
 
-
     def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, slots: torch.Tensor,
                     key_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step with the same shapes every time, for torch.compile: input_ids and
         position_ids (B, 1) go to cache slot `slots` (1,); key_mask (B, S_max) is True at every
         slot each row may attend to (its real tokens so far, this one included). Returns logits
-        (B, 1, V).
-        The caller validated the inputs and advances cache.length; nothing here reads a Python
-        number that changes between steps."""
+        (B, 1, V). The caller validated the inputs and advances cache.length; nothing here reads
+        a Python number that changes between steps."""
         x, rope = self._embed(input_ids, position_ids)
         mask = key_mask[:, None, None, :]  # (B, 1, 1, S_max): new tokens see the filled slots
         for i, layer in enumerate(self.model.layers):
