@@ -1,0 +1,329 @@
+"""GGUF files (llama.cpp's single-file model format), read as untrusted input.
+
+`GGUFFile(path)` maps the file and parses its header, metadata and tensor table, checking every
+count, length, type and offset against the file before using it: a malformed file raises
+`FormatError` naming the field and its byte offset, never a crash, a hang or a huge allocation.
+Tensor data stays in the memory map until asked for; `dequantize(name)` turns one tensor into a
+torch tensor (float32 unless the data is already F16/BF16 and a dtype asks for it).
+
+Layout of a file (little-endian): magic "GGUF", version (2 or 3), tensor count, metadata count;
+the metadata (key string, value type, value); the tensor table (name, dims innermost first, type,
+offset into the data section); padding to `general.alignment`; the data section.
+
+Dequantization follows the block formats of ggml: each block of 32 (or 256 for K-quants) values
+stores a scale (and a minimum for the _1 kinds) as float16, followed by packed integers.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pocketlm.errors import FormatError, NotFoundError
+
+MAGIC = b"GGUF"
+VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4
+MAX_ARRAY_DEPTH = 4  # arrays of arrays are legal; deeper nesting than this is not a model file
+
+# metadata value types: id -> (name, struct format or None for string/array)
+VALUE_TYPES = {
+    0: ("uint8", "<B"), 1: ("int8", "<b"), 2: ("uint16", "<H"), 3: ("int16", "<h"),
+    4: ("uint32", "<I"), 5: ("int32", "<i"), 6: ("float32", "<f"), 7: ("bool", "<?"),
+    8: ("string", None), 9: ("array", None), 10: ("uint64", "<Q"), 11: ("int64", "<q"),
+    12: ("float64", "<d"),
+}
+STRING, ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class TensorType:
+    name: str
+    block_size: int  # values per block
+    block_bytes: int  # bytes per block
+
+
+# the ggml tensor types pocketlm reads (ids from ggml.h)
+TENSOR_TYPES = {
+    0: TensorType("F32", 1, 4),
+    1: TensorType("F16", 1, 2),
+    2: TensorType("Q4_0", 32, 18),
+    3: TensorType("Q4_1", 32, 20),
+    6: TensorType("Q5_0", 32, 22),
+    7: TensorType("Q5_1", 32, 24),
+    8: TensorType("Q8_0", 32, 34),
+    12: TensorType("Q4_K", 256, 144),
+    13: TensorType("Q5_K", 256, 176),
+    14: TensorType("Q6_K", 256, 210),
+    30: TensorType("BF16", 1, 2),
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order: outermost first (GGUF lists the innermost first)
+    type: TensorType
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+class _Cursor:
+    """Reads little-endian fields from the mapped file, refusing to step past its end."""
+
+    def __init__(self, data, path: Path):
+        self.data, self.pos, self.path = data, 0, path
+        self.size = len(data)
+
+    def fail(self, field: str, problem: str, at: int | None = None) -> FormatError:
+        return FormatError(f"{self.path}: {field} at byte {self.pos if at is None else at}: {problem}; "
+                           "the file is not a valid GGUF model (truncated or corrupt?)")
+
+    def take(self, n: int, field: str) -> bytes:
+        if n < 0 or n > self.size - self.pos:
+            raise self.fail(field, f"needs {n} bytes but only {self.size - self.pos} remain")
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    def unpack(self, fmt: str, field: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), field))[0]
+
+    def string(self, field: str) -> str:
+        at = self.pos
+        n = self.unpack("<Q", f"{field} length")
+        raw = self.take(n, field)
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(field, "is not valid UTF-8", at) from None
+
+    def count(self, field: str, min_item_bytes: int) -> int:
+        """A 64-bit count of items that each need at least min_item_bytes: checked against what
+        is left of the file before anything is allocated for them."""
+        at = self.pos
+        n = self.unpack("<Q", field)
+        if n * min_item_bytes > self.size - self.pos:
+            raise self.fail(field, f"declares {n:,} items, more than the {self.size - self.pos:,} bytes left "
+                                   "could hold", at)
+        return n
+
+
+class GGUFFile:
+    """A validated, memory-mapped GGUF file: `.metadata` (dict), `.tensors` (name → TensorInfo)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise NotFoundError(f"{self.path} is not a file; pass the path of a .gguf model file")
+        with open(self.path, "rb") as f:
+            if self.path.stat().st_size == 0:
+                raise FormatError(f"{self.path}: the file is empty, not a GGUF model")
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._data = memoryview(self._map)
+        cursor = _Cursor(self._data, self.path)
+        self._parse(cursor)
+
+    def close(self) -> None:
+        """Unmap the file, unless arrays from raw() still view it (then it goes with them)."""
+        try:
+            self._data.release()
+            self._map.close()
+        except BufferError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- parsing -----------------------------------------------------------------------------
+
+    def _parse(self, c: _Cursor) -> None:
+        magic = c.take(4, "magic")
+        if magic != MAGIC:
+            raise c.fail("magic", f"is {magic!r}, not {MAGIC!r}", 0)
+        self.version = c.unpack("<I", "version")
+        if self.version not in VERSIONS:
+            raise c.fail("version", f"{self.version} is not a supported GGUF version {VERSIONS}", 4)
+        # a tensor entry takes at least 8 (name length) + 4 (n_dims) + 4 (type) + 8 (offset) bytes,
+        # a metadata entry 8 (key length) + 4 (type) + 1 (smallest value)
+        n_tensors = c.count("tensor count", 24)
+        n_kv = c.count("metadata count", 13)
+
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            at = c.pos
+            key = c.string("metadata key")
+            if key in self.metadata:
+                raise c.fail("metadata key", f"{key!r} appears twice", at)
+            value_type = c.unpack("<I", f"type of {key!r}")
+            self.metadata[key] = self._value(c, value_type, key, 0)
+
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 \
+                or alignment & (alignment - 1):
+            raise c.fail("general.alignment", f"{alignment!r} is not a positive power of two")
+
+        table = []
+        names = set()
+        for _ in range(n_tensors):
+            at = c.pos
+            name = c.string("tensor name")
+            if name in names:
+                raise c.fail("tensor name", f"{name!r} appears twice", at)
+            names.add(name)
+            n_dims = c.unpack("<I", f"dimension count of {name!r}")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise c.fail(f"dimension count of {name!r}", f"{n_dims} is outside 1..{MAX_DIMS}")
+            dims = [c.unpack("<Q", f"dimension {i} of {name!r}") for i in range(n_dims)]
+            type_at = c.pos
+            type_id = c.unpack("<I", f"type of tensor {name!r}")
+            offset = c.unpack("<Q", f"data offset of {name!r}")
+            table.append((name, dims, type_id, type_at, offset, at))
+
+        data_start = -(-c.pos // alignment) * alignment
+        self.data_start = data_start
+        self.tensors: dict[str, TensorInfo] = {}
+        spans = []
+        for name, dims, type_id, type_at, offset, at in table:
+            kind = TENSOR_TYPES.get(type_id)
+            if kind is None:
+                raise c.fail(f"type of tensor {name!r}", f"ggml type {type_id} is unknown or not supported",
+                             type_at)
+            if any(d == 0 for d in dims):
+                raise c.fail(f"dimensions of {name!r}", f"{dims} include a zero", at)
+            numel = 1
+            for d in dims:
+                numel *= d
+                if numel > c.size * max(1, kind.block_size):  # cannot fit, and would overflow later
+                    raise c.fail(f"dimensions of {name!r}", f"{dims} describe more values than the file holds", at)
+            if dims[0] % kind.block_size:
+                raise c.fail(f"dimensions of {name!r}", f"the row length {dims[0]} is not a multiple of "
+                                                         f"{kind.name}'s block of {kind.block_size}", at)
+            nbytes = numel // kind.block_size * kind.block_bytes
+            if offset % alignment:
+                raise c.fail(f"data offset of {name!r}", f"{offset} is not a multiple of the alignment {alignment}", at)
+            begin = data_start + offset
+            if begin + nbytes > c.size:
+                raise c.fail(f"data of {name!r}", f"bytes {begin:,}..{begin + nbytes:,} lie past the end of the "
+                                                   f"file ({c.size:,} bytes)", at)
+            spans.append((begin, begin + nbytes, name))
+            self.tensors[name] = TensorInfo(name, tuple(reversed(dims)), kind, begin, nbytes)
+        spans.sort()
+        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+            if begin_b < end_a:
+                raise FormatError(f"{self.path}: the data of tensors {a!r} and {b!r} overlap "
+                                  f"(at byte {begin_b:,}); the file is corrupt")
+
+    def _value(self, c: _Cursor, value_type: int, key: str, depth: int):
+        at = c.pos
+        if value_type not in VALUE_TYPES:
+            raise c.fail(f"value of {key!r}", f"unknown value type {value_type}", at - 4)
+        if value_type == STRING:
+            return c.string(f"value of {key!r}")
+        if value_type != ARRAY:
+            return c.unpack(VALUE_TYPES[value_type][1], f"value of {key!r}")
+        if depth >= MAX_ARRAY_DEPTH:
+            raise c.fail(f"value of {key!r}", f"arrays nested deeper than {MAX_ARRAY_DEPTH}", at)
+        item_type = c.unpack("<I", f"item type of {key!r}")
+        if item_type not in VALUE_TYPES:
+            raise c.fail(f"item type of {key!r}", f"unknown value type {item_type}", at)
+        fmt = VALUE_TYPES[item_type][1]
+        item_bytes = struct.calcsize(fmt) if fmt else (8 if item_type == STRING else 12)
+        n = c.count(f"length of {key!r}", item_bytes)
+        if fmt is not None:  # numbers: one slice, no per-item Python objects until asked
+            raw = c.take(n * item_bytes, f"value of {key!r}")
+            return np.frombuffer(raw, dtype=np.dtype(fmt)).tolist()
+        return [self._value(c, item_type, key, depth + 1) for _ in range(n)]
+
+    # --- tensor data ---------------------------------------------------------------------------
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as a read-only uint8 view of the map (no copy)."""
+        info = self._info(name)
+        return np.frombuffer(self._data, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+
+    def dequantize(self, name: str) -> torch.Tensor:
+        """The tensor as float32, in torch order (outermost dimension first)."""
+        info = self._info(name)
+        values = dequantize(self.raw(name), info.type, info.numel)
+        return values.reshape(info.shape)
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise FormatError(f"{self.path} has no tensor {name!r}") from None
+
+
+# --- dequantization: raw blocks → float32 ----------------------------------------------------------
+
+def dequantize(raw: np.ndarray, kind: TensorType, numel: int) -> torch.Tensor:
+    """Float32 values (numel,) from the raw bytes of `numel` values of type `kind`."""
+    if kind.name == "F32":
+        return torch.from_numpy(raw.view(np.float32).copy())
+    if kind.name == "F16":
+        return torch.from_numpy(raw.view(np.float16).astype(np.float32))
+    if kind.name == "BF16":
+        bits = torch.from_numpy(raw.view(np.int16).copy())
+        return bits.view(torch.bfloat16).float()
+    decode = _BLOCK_DECODERS.get(kind.name)
+    if decode is None:
+        raise FormatError(f"dequantizing {kind.name} is not supported yet")
+    blocks = torch.from_numpy(raw.reshape(-1, kind.block_bytes).copy())  # (N, block_bytes) uint8
+    return decode(blocks).reshape(numel)
+
+
+def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The float16 at bytes [start, start+2) of each block, as float32 (N, 1)."""
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(N, 16) bytes → (N, 32) values: the low nibbles give values 0..15, the high ones 16..31."""
+    return torch.cat((packed & 0x0F, packed >> 4), dim=-1)
+
+
+def _high_bits(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """Q5's fifth bits: a little-endian uint32 at [start, start+4), bit j for value j → (N, 32)."""
+    bits = blocks[:, start:start + 4].long()
+    word = bits[:, 0] | bits[:, 1] << 8 | bits[:, 2] << 16 | bits[:, 3] << 24
+    return ((word[:, None] >> torch.arange(32)) & 1).to(torch.uint8)
+
+
+def _q4_0(blocks):  # d (f16), 16 bytes of nibbles; value = d * (q - 8)
+    return _f16(blocks, 0) * (_nibbles(blocks[:, 2:18]).float() - 8)
+
+
+def _q4_1(blocks):  # d, m (f16), 16 bytes of nibbles; value = d * q + m
+    return _f16(blocks, 0) * _nibbles(blocks[:, 4:20]).float() + _f16(blocks, 2)
+
+
+def _q5_0(blocks):  # d, 4 bytes of fifth bits, 16 bytes of nibbles; value = d * (q - 16)
+    q = _nibbles(blocks[:, 6:22]) | (_high_bits(blocks, 2) << 4)
+    return _f16(blocks, 0) * (q.float() - 16)
+
+
+def _q5_1(blocks):  # d, m, 4 bytes of fifth bits, 16 bytes of nibbles; value = d * q + m
+    q = _nibbles(blocks[:, 8:24]) | (_high_bits(blocks, 4) << 4)
+    return _f16(blocks, 0) * q.float() + _f16(blocks, 2)
+
+
+def _q8_0(blocks):  # d, 32 signed bytes; value = d * q
+    return _f16(blocks, 0) * blocks[:, 2:34].contiguous().view(torch.int8).float()
+
+
+_BLOCK_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0}

@@ -1,0 +1,164 @@
+"""The GGUF reader: files written by the `gguf` package read back the same, dequantization equals
+`gguf.quants.dequantize`, and broken files raise FormatError naming the field."""
+
+import struct
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from pocketlm.errors import FormatError, NotFoundError
+from pocketlm.gguf import TENSOR_TYPES, GGUFFile, dequantize
+
+Q = gguf.GGMLQuantizationType
+TYPE_BY_NAME = {t.name: t for t in TENSOR_TYPES.values()}
+
+
+def write_gguf(path, tensors=None, metadata=None, alignment=None):
+    """A small but complete GGUF file; tensors are name → (numpy array, ggml type)."""
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    if alignment is not None:
+        writer.add_custom_alignment(alignment)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_array(key, value)
+    for name, (array, qtype) in (tensors or {}).items():
+        if qtype in (Q.F32, Q.F16):
+            writer.add_tensor(name, array.astype(np.float16 if qtype == Q.F16 else np.float32))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture
+def small(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {"token_embd.weight": (rng.standard_normal((8, 64)).astype(np.float32), Q.F32),
+               "blk.0.attn_q.weight": (rng.standard_normal((4, 64)).astype(np.float32), Q.Q8_0),
+               "output_norm.weight": (rng.standard_normal(64).astype(np.float32), Q.F16)}
+    metadata = {"tokenizer.ggml.tokens": ["a", "b", "ü", "🦊"], "llama.block_count": 1,
+                "llama.rope.freq_base": 10000.0, "tokenizer.ggml.add_bos_token": True,
+                "tokenizer.ggml.token_type": [1, 1, 1, 3]}
+    return write_gguf(tmp_path / "small.gguf", tensors, metadata), tensors, metadata
+
+
+def test_reads_what_the_gguf_package_wrote(small):
+    path, tensors, metadata = small
+    with GGUFFile(path) as f:
+        assert f.version == 3
+        for key, value in metadata.items():
+            assert f.metadata[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+        assert f.metadata["general.architecture"] == "llama"
+        reference = gguf.GGUFReader(path)
+        for t in reference.tensors:
+            ours = f.tensors[t.name]
+            assert ours.shape == tuple(int(d) for d in reversed(t.shape)) == tensors[t.name][0].shape
+            expected = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape)
+            assert torch.equal(f.dequantize(t.name), torch.from_numpy(np.array(expected, dtype=np.float32)))
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16"])
+def test_dequantize_random_blocks_like_gguf(name):
+    kind = TYPE_BY_NAME[name]
+    rng = np.random.default_rng(1)
+    n_blocks = 64
+    raw = rng.integers(0, 256, size=(n_blocks, kind.block_bytes), dtype=np.uint8)
+    if kind.block_size > 1:  # keep the float16 scale (and minimum) finite
+        halves = rng.uniform(-2, 2, size=(n_blocks, 2)).astype(np.float16).view(np.uint8)
+        raw[:, :4] = halves
+    else:
+        raw = rng.uniform(-4, 4, size=(n_blocks, 1)).astype(np.float16).view(np.uint8) if name == "F16" else \
+            torch.randn(n_blocks, 1).to(torch.bfloat16).view(torch.uint8).numpy()
+    numel = raw.size // kind.block_bytes * kind.block_size
+    expected = gguf.quants.dequantize(raw.reshape(-1), getattr(Q, name)).reshape(-1)
+    ours = dequantize(raw.reshape(-1), kind, numel)
+    assert ours.dtype == torch.float32 and ours.shape == (numel,)
+    assert torch.allclose(ours, torch.from_numpy(expected.astype(np.float32)), rtol=0, atol=1e-6)
+
+
+# --- broken files --------------------------------------------------------------------------------
+
+def _header(n_tensors=0, n_kv=0, version=3, magic=b"GGUF"):
+    return magic + struct.pack("<IQQ", version, n_tensors, n_kv)
+
+
+def _string(s: bytes) -> bytes:
+    return struct.pack("<Q", len(s)) + s
+
+
+def _kv(key: bytes, value_type: int, payload: bytes) -> bytes:
+    return _string(key) + struct.pack("<I", value_type) + payload
+
+
+def _tensor(name=b"t", dims=(32,), ggml_type=0, offset=0) -> bytes:
+    return _string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims) + \
+        struct.pack("<IQ", ggml_type, offset)
+
+
+def _with_data(head: bytes, data_bytes: int, alignment: int = 32) -> bytes:
+    return head + b"\0" * (-len(head) % alignment) + b"\0" * data_bytes
+
+
+BROKEN = {
+    "bad magic": (_header(magic=b"GGML"), "magic"),
+    "version 1": (_header(version=1), "version"),
+    "version 99": (_header(version=99), "version"),
+    "absurd tensor count": (_header(n_tensors=2**60), "tensor count"),
+    "absurd metadata count": (_header(n_kv=2**40), "metadata count"),
+    "truncated header": (_header()[:10], "needs"),
+    "key longer than the file": (_header(n_kv=1) + struct.pack("<Q", 2**50) + b"abc", "metadata count|key"),
+    "key not utf-8": (_header(n_kv=1) + _string(b"\xff\xfe") + struct.pack("<IB", 0, 1), "UTF-8"),
+    "unknown value type": (_header(n_kv=1) + _kv(b"k", 77, b"\0" * 8), "unknown value type"),
+    "duplicate key": (_header(n_kv=2) + _kv(b"k", 4, b"\1\0\0\0") * 2, "twice"),
+    "array longer than the file": (_header(n_kv=1) + _kv(b"k", 9, struct.pack("<IQ", 4, 2**40)), "length of"),
+    "array of unknown type": (_header(n_kv=1) + _kv(b"k", 9, struct.pack("<IQ", 55, 1) + b"\0" * 8), "unknown value type"),
+    "arrays nested too deep": (_header(n_kv=1) + _kv(b"k", 9, struct.pack("<IQ", 9, 1) * 6 + b"\0" * 16), "nested"),
+    "string value past the end": (_header(n_kv=1) + _kv(b"k", 8, struct.pack("<Q", 10**6) + b"x"), "value of"),
+    "alignment not a power of two": (_header(n_kv=1) + _kv(b"general.alignment", 4, struct.pack("<I", 24)), "alignment"),
+    "zero alignment": (_header(n_kv=1) + _kv(b"general.alignment", 4, struct.pack("<I", 0)), "alignment"),
+    "five dimensions": (_with_data(_header(n_tensors=1) + _tensor(dims=(32, 1, 1, 1, 1)), 128), "dimension count"),
+    "zero dimension": (_with_data(_header(n_tensors=1) + _tensor(dims=(32, 0)), 128), "zero"),
+    "unknown tensor type": (_with_data(_header(n_tensors=1) + _tensor(ggml_type=99), 128), "ggml type 99"),
+    "row not a whole number of blocks": (_with_data(_header(n_tensors=1) + _tensor(dims=(40,), ggml_type=8), 64), "multiple"),
+    "data past the end": (_with_data(_header(n_tensors=1) + _tensor(dims=(64,)), 128), "past the end"),
+    "2^40 bytes declared": (_with_data(_header(n_tensors=1) + _tensor(dims=(2**20, 2**18)), 128), "more values|past the end"),
+    "misaligned offset": (_with_data(_header(n_tensors=1) + _tensor(offset=4), 256), "alignment"),
+    "duplicate tensor": (_with_data(_header(n_tensors=2) + _tensor() + _tensor(offset=128), 256), "twice"),
+    "overlapping tensors": (_with_data(_header(n_tensors=2) + _tensor(dims=(64,)) + _tensor(b"u", offset=128), 512), "overlap"),
+    "tensor table cut short": (_header(n_tensors=1) + _tensor()[:-6] + b"\0" * 20, "needs|data offset|past"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_files_raise_format_error_naming_the_field(case, tmp_path):
+    content, message = BROKEN[case]
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(content)
+    with pytest.raises(FormatError, match=message):
+        GGUFFile(path)
+
+
+def test_valid_file_cut_at_every_section_raises_format_error(small, tmp_path):
+    data = small[0].read_bytes()
+    for cut in range(0, len(data) - 1, max(1, len(data) // 50)):
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(FormatError):
+            GGUFFile(tmp_path / "cut.gguf")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(NotFoundError):
+        GGUFFile(tmp_path / "nope.gguf")
