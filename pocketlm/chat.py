@@ -258,11 +258,9 @@ class ChatSession:
         return [{"role": "system", "content": self.system}] if self.system is not None else []
 
     def render(self, messages: Sequence[dict[str, Any]] | None = None, add_generation_prompt: bool = True) -> str:
-        tok = self.tokenizer
-        specials = {f"{role}_token": getattr(tok, f"{role}_token") for role in ("bos", "eos", "unk", "pad")}
-        return render_chat(self.template, self.conversation() if messages is None else messages,
-                           add_generation_prompt=add_generation_prompt,
-                           **{k: v for k, v in specials.items() if v is not None})
+        return self.tokenizer.apply_chat_template(self.conversation() if messages is None else messages,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False, chat_template=self.template)
 
     def encode(self, messages: Sequence[dict[str, Any]] | None = None) -> list[int]:
         # the template already wrote every special token it wants (bos included); adding them

