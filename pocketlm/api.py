@@ -35,9 +35,17 @@ class CausalLM(Transformer):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device=None, dtype=None, torch_dtype=None,
                         allow_pickle: bool = False) -> "CausalLM":
-        """Load a local checkpoint folder. `torch_dtype` is accepted as an alias of `dtype`."""
+        """Load a local checkpoint folder or GGUF file (dequantized, float32 unless `dtype` says
+        otherwise). `torch_dtype` is accepted as an alias of `dtype`."""
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise ConfigError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one")
+        if is_gguf(path):
+            from pocketlm.gguf import load_gguf
+
+            model = load_gguf(path, device=device, dtype=dtype or torch_dtype, cls=cls)
+            model.generation_config = {k: v for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                                       if (v := getattr(model.config, k)) is not None}
+            return model
         model = checkpoint.load_pretrained(path, device=device, dtype=dtype or torch_dtype,
                                            allow_pickle=allow_pickle, cls=cls)
         model.generation_config = checkpoint.read_generation_config(path)
@@ -80,6 +88,20 @@ class CausalLM(Transformer):
         return out
 
 
+def is_gguf(path: str | Path) -> bool:
+    """A file that starts with GGUF's magic (its name need not end in .gguf)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def load_model_and_tokenizer(path: str | Path, *, device=None, dtype=None) -> tuple[CausalLM, Tokenizer]:
+    """Both halves of a local checkpoint folder or GGUF file."""
+    return CausalLM.from_pretrained(path, device=device, dtype=dtype), AutoTokenizer.from_pretrained(path)
+
+
 class AutoModelForCausalLM:
     """Entry point as in transformers; returns a `CausalLM`."""
 
@@ -100,6 +122,11 @@ class AutoTokenizer:
     def from_pretrained(path: str | Path) -> Tokenizer:
         if not Path(path).expanduser().exists():
             raise NotFoundError(checkpoint.not_local_message(path))
+        if is_gguf(path):
+            from pocketlm.gguf import GGUFFile, tokenizer_from_gguf
+
+            with GGUFFile(Path(path).expanduser()) as f:
+                return tokenizer_from_gguf(f)
         return Tokenizer.from_pretrained(Path(path).expanduser())
 
 

@@ -150,7 +150,7 @@ def load_config(folder: str | Path) -> ModelConfig:
 def not_local_message(path) -> str:
     return (f"{str(path)!r} is not a local folder or file. pocketlm does not download from a model hub "
             "at run time: pass the path of a checkpoint folder (config.json + model.safetensors), e.g. one "
-            "written by save_pretrained(), or build an untrained model with from_config()")
+            "written by save_pretrained(), or of a .gguf file, or build an untrained model with from_config()")
 
 
 def resolve_folder(path: str | Path) -> Path:
@@ -159,8 +159,8 @@ def resolve_folder(path: str | Path) -> Path:
     if not folder.exists():
         raise NotFoundError(not_local_message(path))
     if not folder.is_dir():
-        raise NotFoundError(f"{folder} is a file; pass the checkpoint folder that holds config.json "
-                            "and model.safetensors")
+        raise NotFoundError(f"{folder} is a file but not a GGUF model; pass a .gguf file or the checkpoint "
+                            "folder that holds config.json and model.safetensors")
     if not (folder / "config.json").is_file():
         raise NotFoundError(f"{folder} has no config.json, so it is not a checkpoint folder")
     return folder

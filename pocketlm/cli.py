@@ -17,15 +17,27 @@ from pocketlm.errors import ConfigError, ContextLengthError, PocketLMError
 
 
 def cmd_info(args) -> int:
+    from collections import Counter
+
     from pocketlm import checkpoint
+    from pocketlm.api import is_gguf, load_model_and_tokenizer
     from pocketlm.tokenizer import Tokenizer
 
-    model = checkpoint.load_pretrained(args.path, dtype="auto")
+    stored = None
+    if is_gguf(args.path):
+        from pocketlm.gguf import GGUFFile
+
+        with GGUFFile(args.path) as f:
+            stored = ", ".join(f"{n} × {kind}" for kind, n in
+                               Counter(t.type.name for t in f.tensors.values()).most_common())
+        model, tokenizer = load_model_and_tokenizer(args.path)
+    else:
+        model = checkpoint.load_pretrained(args.path, dtype="auto")
+        folder = checkpoint.resolve_folder(args.path)
+        tokenizer = None
+        if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
+            tokenizer = Tokenizer.from_pretrained(folder)
     c = model.config
-    folder = checkpoint.resolve_folder(args.path)
-    tokenizer = None
-    if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
-        tokenizer = Tokenizer.from_pretrained(folder)
     kv = f", {c.n_kv_head} key/value heads" if c.n_kv_head != c.n_head else ""
     rows = [
         ("architecture", f"{c.family} ({c.norm}, {c.mlp} MLP, {c.pos} positions"
@@ -37,7 +49,7 @@ def cmd_info(args) -> int:
         ("vocabulary", f"{c.vocab_size:,}" + (f" (tokenizer: {len(tokenizer):,} tokens)" if tokenizer else
                                              " (no tokenizer in the folder)")),
         ("context", f"{c.max_position:,} tokens"),
-        ("dtype", str(model.dtype).removeprefix("torch.")),
+        ("dtype", str(model.dtype).removeprefix("torch.") + (f" (dequantized; stored as {stored})" if stored else "")),
     ]
     if tokenizer is not None and tokenizer.chat_template:
         rows.append(("chat template", "yes"))
@@ -61,15 +73,11 @@ def cmd_train_tokenizer(args) -> int:
 # --- generate and chat ---------------------------------------------------------------------------
 
 def load_for_generation(args):
-    """(Generator, Tokenizer) for the checkpoint folder in args.model."""
-    from pocketlm.api import CausalLM
-    from pocketlm.checkpoint import resolve_folder
+    """(Generator, Tokenizer) for the checkpoint folder or GGUF file in args.model."""
+    from pocketlm.api import load_model_and_tokenizer
     from pocketlm.generate import Generator
-    from pocketlm.tokenizer import Tokenizer
 
-    folder = resolve_folder(args.model)
-    model = CausalLM.from_pretrained(folder, device=_device(args.device), dtype=args.dtype)
-    tokenizer = Tokenizer.from_pretrained(folder)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=_device(args.device), dtype=args.dtype)
     return Generator(model, tokenizer), tokenizer
 
 
@@ -260,7 +268,8 @@ def _stream_answer(generator, ids: list[int], overrides: dict) -> str:
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="checkpoint folder (config.json + model.safetensors + tokenizer.json)")
+    p.add_argument("model", help="checkpoint folder (config.json + model.safetensors + tokenizer.json) "
+                                 "or .gguf file")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda when available, else cpu)")
     p.add_argument("--dtype", help="float32, bfloat16, float16 or auto (the stored dtype); default float32")
 
@@ -289,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="describe a checkpoint: architecture, parameters, vocabulary, context")
-    p.add_argument("path", help="checkpoint folder (config.json + model.safetensors)")
+    p.add_argument("path", help="checkpoint folder (config.json + model.safetensors) or .gguf file")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text files")

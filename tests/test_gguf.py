@@ -162,3 +162,80 @@ def test_valid_file_cut_at_every_section_raises_format_error(small, tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(NotFoundError):
         GGUFFile(tmp_path / "nope.gguf")
+
+
+# --- GGUF → model ---------------------------------------------------------------------------------
+
+def _llama_gguf(path, model, arch="llama", drop=(), extra_metadata=None, layers=None):
+    """Write a pocketlm Llama-family model as llama.cpp would: its names, q/k rows permuted."""
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    meta = {"block_count": layers or c.n_layer, "context_length": c.max_position, "embedding_length": c.n_embd,
+            "feed_forward_length": c.intermediate_size, "attention.head_count": c.n_head,
+            "attention.head_count_kv": c.n_kv_head, "attention.key_length": c.head_dim,
+            "attention.layer_norm_rms_epsilon": float(c.norm_eps), "rope.freq_base": float(c.rope_theta)}
+    meta.update(extra_metadata or {})
+    for key, value in meta.items():
+        (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    layer = {v: k for k, v in {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                               "ffn_down": "mlp.down_proj"}.items()}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_embeddings:
+            continue
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            module, _ = rest.rsplit(".", 1)
+            gguf_name = f"blk.{i}.{layer[module]}.weight"
+        else:
+            gguf_name = names[name]
+        if gguf_name in drop:
+            continue
+        t = t.detach().numpy()
+        if "attn_q" in gguf_name or "attn_k" in gguf_name:
+            heads = c.n_head if "attn_q" in gguf_name else c.n_kv_head
+            t = t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+        writer.add_tensor(gguf_name, np.ascontiguousarray(t, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(params=["llama-gqa-tied", "llama-mha-untied"])
+def tiny_llama(request):
+    from conftest import TINY, randomize
+    from pocketlm.config import ModelConfig
+    from pocketlm.model import Transformer
+
+    return randomize(Transformer(ModelConfig(**TINY[request.param])), seed=7).eval()
+
+
+def test_llama_gguf_loads_as_the_model_it_was_written_from(tiny_llama, tmp_path):
+    from pocketlm.gguf import load_gguf
+
+    loaded = load_gguf(_llama_gguf(tmp_path / "m.gguf", tiny_llama))
+    assert loaded.config.tie_embeddings == tiny_llama.config.tie_embeddings
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, tiny_llama(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(arch="gemma3"), "architecture 'gemma3' is not supported"),
+    (dict(layers=3), "block_count is 3 but the file holds tensors for 2 layers"),
+    (dict(extra_metadata={"vocab_size": 100}), "shape .* but the metadata describes 100 tokens"),
+    (dict(extra_metadata={"attention.head_count_kv": 3}), "impossible model"),
+    (dict(drop=("blk.1.ffn_up.weight",)), "lacks 1 tensors"),
+    (dict(extra_metadata={"embedding_length": 48}), "metadata describes"),
+])
+def test_metadata_that_contradicts_itself_or_the_tensors(tiny_llama, tmp_path, change, message):
+    from pocketlm.gguf import load_gguf
+
+    with pytest.raises(FormatError, match=message):
+        load_gguf(_llama_gguf(tmp_path / "m.gguf", tiny_llama, **change))
