@@ -326,7 +326,55 @@ def _q8_0(blocks):  # d, 32 signed bytes; value = d * q
     return _f16(blocks, 0) * blocks[:, 2:34].contiguous().view(torch.int8).float()
 
 
-_BLOCK_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0}
+def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes → 8 six-bit scales and 8 six-bit minimums per block, (N, 8) each:
+    sub-blocks 0..3 keep theirs in the low 6 bits of bytes 0..3 (scales) and 4..7 (mins);
+    4..7 split them between the nibbles of bytes 8..11 and the top 2 bits of bytes 0..7."""
+    s = packed.long()
+    low_scale, low_min = s[:, 0:4] & 63, s[:, 4:8] & 63
+    high_scale = (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)
+    high_min = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    return torch.cat((low_scale, high_scale), 1).float(), torch.cat((low_min, high_min), 1).float()
+
+
+def _k_quant(blocks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """value = d * scale * q - dmin * min for the 8 sub-blocks of 32 in each block; q (N, 256)."""
+    scale, minimum = _k_scales(blocks[:, 4:16])
+    q = q.float().view(-1, 8, 32)
+    return (_f16(blocks, 0)[:, :, None] * scale[:, :, None] * q
+            - _f16(blocks, 2)[:, :, None] * minimum[:, :, None]).reshape(-1, 256)
+
+
+def _k_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(N, 128) bytes → (N, 256): each 32-byte group gives 32 low nibbles then 32 high ones."""
+    qs = qs.view(-1, 4, 32)
+    return torch.stack((qs & 0x0F, qs >> 4), dim=2).reshape(-1, 256)
+
+
+def _q4_k(blocks):  # d, dmin (f16), 12 bytes of scales/mins, 128 bytes of nibbles
+    return _k_quant(blocks, _k_nibbles(blocks[:, 16:144]))
+
+
+def _q5_k(blocks):  # d, dmin, 12 bytes of scales/mins, 32 bytes of fifth bits, 128 bytes of nibbles
+    qh = blocks[:, 16:48]  # bit j of qh[l] is the fifth bit of value 32 * j + l
+    fifth = (qh[:, None, :] >> torch.arange(8, dtype=torch.uint8)[None, :, None]) & 1  # (N, 8, 32)
+    return _k_quant(blocks, _k_nibbles(blocks[:, 48:176]) | (fifth.reshape(-1, 256) << 4))
+
+
+def _q6_k(blocks):  # 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, d (f16)
+    ql = blocks[:, 0:128].view(-1, 2, 2, 32)  # (N, half, which 32 of ql, l)
+    qh = blocks[:, 128:192].view(-1, 2, 1, 32)  # (N, half, 1, l)
+    low = torch.stack((ql & 0x0F, ql >> 4), dim=2)  # (N, half, nibble, 2, l): values 0..3 of a half
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 2, 2, 1)
+    high = (qh[:, :, None] >> shifts) & 3  # (N, half, 2, 2, l) in the same (nibble, which) order
+    q = (low | (high << 4)).reshape(-1, 2, 4, 32).float() - 32  # (N, half, quarter, l)
+    scales = blocks[:, 192:208].contiguous().view(torch.int8).float().view(-1, 2, 4, 2, 1)  # 16 per 16 values
+    d = _f16(blocks, 208).view(-1, 1, 1, 1, 1)
+    return (d * scales * q.view(-1, 2, 4, 2, 16)).reshape(-1, 256)
+
+
+_BLOCK_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
+                   "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
 # --- GGUF → pocketlm model -------------------------------------------------------------------------

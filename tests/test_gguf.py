@@ -70,7 +70,7 @@ def test_reads_what_the_gguf_package_wrote(small):
             assert torch.equal(f.dequantize(t.name), torch.from_numpy(np.array(expected, dtype=np.float32)))
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"])
 def test_dequantize_random_blocks_like_gguf(name):
     kind = TYPE_BY_NAME[name]
     rng = np.random.default_rng(1)
@@ -78,7 +78,8 @@ def test_dequantize_random_blocks_like_gguf(name):
     raw = rng.integers(0, 256, size=(n_blocks, kind.block_bytes), dtype=np.uint8)
     if kind.block_size > 1:  # keep the float16 scale (and minimum) finite
         halves = rng.uniform(-2, 2, size=(n_blocks, 2)).astype(np.float16).view(np.uint8)
-        raw[:, :4] = halves
+        at = kind.block_bytes - 2 if name == "Q6_K" else 0  # Q6_K keeps its one scale at the end
+        raw[:, at:at + halves.shape[1]] = halves[:, :kind.block_bytes - at]
     else:
         raw = rng.uniform(-4, 4, size=(n_blocks, 1)).astype(np.float16).view(np.uint8) if name == "F16" else \
             torch.randn(n_blocks, 1).to(torch.bfloat16).view(torch.uint8).numpy()
