@@ -240,3 +240,36 @@ def test_metadata_that_contradicts_itself_or_the_tensors(tiny_llama, tmp_path, c
 
     with pytest.raises(FormatError, match=message):
         load_gguf(_llama_gguf(tmp_path / "m.gguf", tiny_llama, **change))
+
+
+CHILD = r"""
+import json, resource, sys
+from pocketlm.errors import FormatError
+from pocketlm.gguf import GGUFFile
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    GGUFFile(sys.argv[1])
+    outcome = "loaded"
+except FormatError as e:
+    outcome = "FormatError"
+except BaseException as e:
+    outcome = f"{type(e).__name__}: {e}"
+print(json.dumps({"outcome": outcome, "grew_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline}))
+"""
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_files_in_a_fresh_process_fail_cleanly_without_growing_memory(case, tmp_path):
+    """Nothing but FormatError, and no allocation driven by what the file claims (ru_maxrss after
+    imports vs after the attempt, in a process of its own)."""
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(BROKEN[case][0])
+    done = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["outcome"] == "FormatError"
+    assert result["grew_kb"] < 16 * 1024
