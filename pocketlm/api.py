@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pocketlm import checkpoint
+from pocketlm import checkpoint, registry
 from pocketlm.config import ModelConfig
 from pocketlm.errors import ConfigError, NotFoundError
 from pocketlm.generate import Generator
@@ -35,10 +35,11 @@ class CausalLM(Transformer):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device=None, dtype=None, torch_dtype=None,
                         allow_pickle: bool = False) -> "CausalLM":
-        """Load a local checkpoint folder or GGUF file (dequantized, float32 unless `dtype` says
-        otherwise). `torch_dtype` is accepted as an alias of `dtype`."""
+        """Load a local checkpoint folder, a GGUF file (dequantized, float32 unless `dtype` says
+        otherwise) or a pulled registry model by name. `torch_dtype` is an alias of `dtype`."""
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise ConfigError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one")
+        path = registry.resolve(path)
         if is_gguf(path):
             from pocketlm.gguf import load_gguf
 
@@ -120,7 +121,8 @@ class AutoTokenizer:
 
     @staticmethod
     def from_pretrained(path: str | Path) -> Tokenizer:
-        if not Path(path).expanduser().exists():
+        path = registry.resolve(path)
+        if not path.exists():
             raise NotFoundError(checkpoint.not_local_message(path))
         if is_gguf(path):
             from pocketlm.gguf import GGUFFile, tokenizer_from_gguf

