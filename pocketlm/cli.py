@@ -63,6 +63,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from pocketlm import registry
+    from pocketlm.api import is_gguf, load_model_and_tokenizer
+
+    source = registry.resolve(args.source)
+    if not is_gguf(source):
+        raise ConfigError(f"{args.source} is not a GGUF file; convert reads .gguf files (or registry names)")
+    model, tokenizer = load_model_and_tokenizer(source, dtype=args.dtype)
+    model.save_pretrained(args.out, tokenizer=tokenizer)
+    print(f"wrote {args.out} ({model.num_parameters():,} parameters, {str(model.dtype).removeprefix('torch.')}): "
+          "a Hugging Face folder that transformers and pocketlm load")
+    return 0
+
+
 def cmd_train_tokenizer(args) -> int:
     from pocketlm.tokenizer import Tokenizer
 
@@ -314,6 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a checkpoint: architecture, parameters, vocabulary, context")
     p.add_argument("path", help=MODEL_HELP)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="write a GGUF model as a Hugging Face checkpoint folder",
+                       description="Dequantize a GGUF model (file or registry name) and save it with its "
+                                   "tokenizer, chat template and generation settings as a folder that "
+                                   "transformers loads with no pocketlm code.")
+    p.add_argument("source", help=".gguf file or registry name")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--dtype", default="float32", choices=("float32", "fp32", "bfloat16", "bf16"),
+                   help="weights' dtype in the folder (default float32)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text files")
     p.add_argument("files", nargs="+", help="plain-text training files")

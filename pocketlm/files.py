@@ -17,6 +17,12 @@ from pocketlm.errors import FormatError, NotFoundError
 MAX_JSON_BYTES = 64 * 1024 * 1024  # config and tokenizer JSON files are far smaller than this
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block succeeds, the temp file is synced and
@@ -28,6 +34,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        # mkstemp (and some writers, safetensors among them) make 0600 files; give the final
+        # file the mode any other new file would get
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

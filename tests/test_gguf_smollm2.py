@@ -85,3 +85,22 @@ def test_from_pretrained_and_cli_take_the_gguf_file(smollm2_gguf, ours, capsys):
     assert main(["generate", str(smollm2_gguf), "What is the capital of France?", "--chat", "--greedy",
                  "--max-new-tokens", "20", "--no-stream"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_convert_writes_a_folder_transformers_runs_the_same(smollm2_gguf, ours, theirs, tmp_path, capsys):
+    from pocketlm.cli import main
+
+    out = tmp_path / "smollm2-hf"
+    assert main(["convert", str(smollm2_gguf), str(out)]) == 0
+    assert oct((out / "model.safetensors").stat().st_mode & 0o777) != "0o600"  # an ordinary file
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    for text in TEXTS:
+        assert tokenizer.encode(text) == theirs[1].encode(text)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = prompt["input_ids"]
+    expected = theirs[0].generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24)
+    got = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24)
+    assert got.tolist() == expected.tolist()
+    assert "Paris" in tokenizer.decode(got[0, ids.shape[1]:], skip_special_tokens=True)
