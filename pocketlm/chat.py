@@ -19,6 +19,7 @@ prompt, and when prompt + reply would outgrow the context window it drops the ol
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import logging
@@ -31,7 +32,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
 from pocketlm.errors import ConfigError, ContextLengthError, TokenizerError
 
@@ -54,6 +55,13 @@ PLAIN_STOP = "\nUser:"
 # often name <|endoftext|> as eos while the chat template ends turns with <|im_end|>).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "</s>")
 
+# Budgets for untrusted templates: published ones are a few KB and render a few KB per conversation
+MAX_TEMPLATE_BYTES = 64 * 1024
+MAX_RENDERED_CHARS = 4 * 1024 * 1024
+MAX_TEMPLATE_STEPS = 1_000_000  # range() items per render
+MAX_RESULT_BITS = 4096
+_RENDER_BUDGET: contextvars.ContextVar[list[int]] = contextvars.ContextVar("render_budget", default=[0])
+
 # Reply budget when neither the caller nor the checkpoint sets max_new_tokens; at most half the
 # window, so a small model still has room for some history.
 DEFAULT_REPLY_TOKENS = 256
@@ -75,9 +83,19 @@ def render_chat(template: str, messages: Sequence[dict[str, Any]], *, add_genera
     variables = {"tools": None, "documents": None}  # transformers always defines these
     variables.update({k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v is not None})
     variables.update(_plain_json(extra, "template variables"))
+    if len(template.encode("utf-8")) > MAX_TEMPLATE_BYTES:
+        raise TokenizerError(f"the chat template is {len(template.encode('utf-8')):,} bytes; templates of "
+                             f"published models are a few KB, and pocketlm refuses more than {MAX_TEMPLATE_BYTES:,}")
     compiled = _compile(template)
+    budget = _RENDER_BUDGET.set([MAX_TEMPLATE_STEPS])
     try:
-        return compiled.render(messages=plain, add_generation_prompt=add_generation_prompt, **variables)
+        parts, size = [], 0
+        for part in compiled.generate(messages=plain, add_generation_prompt=add_generation_prompt, **variables):
+            size += len(part)
+            if size > MAX_RENDERED_CHARS:
+                raise SecurityError(f"its output passed {MAX_RENDERED_CHARS:,} characters")
+            parts.append(part)
+        return "".join(parts)
     except SecurityError as e:
         raise TokenizerError(f"the chat template tried something its sandbox forbids: {e}") from None
     except TemplateError as e:  # raise_exception(...) lands here too, with the template's own words
@@ -88,6 +106,8 @@ def render_chat(template: str, messages: Sequence[dict[str, Any]], *, add_genera
         # the template is someone else's program: any error it raises (a str + int, a missing
         # key) is a problem with the template or the messages it was given, not with pocketlm
         raise TokenizerError(f"the chat template failed: {type(e).__name__}: {e}") from None
+    finally:
+        _RENDER_BUDGET.reset(budget)
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -143,6 +163,31 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
     def unsafe_undefined(self, obj, attribute):
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
+    # Budgets, so an untrusted template can neither allocate without bound ('x' * 10**10, 9**9**9)
+    # nor loop for hours (nested range() loops): both end in a SecurityError.
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and \
+                abs(right) * max(abs(left), 2).bit_length() > MAX_RESULT_BITS:
+            raise SecurityError(f"{left} ** {right} is too large a number for a chat template")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDERED_CHARS:
+                    raise SecurityError("a repetition that large has no place in a chat template")
+        return super().call_binop(context, operator, left, right)
+
+
+def _budgeted_range(*args):
+    """range() whose items count against the render's step budget (jinja's own caps one range at
+    100,000 items, but nested loops multiply)."""
+    for item in safe_range(*args):
+        budget = _RENDER_BUDGET.get()
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise SecurityError(f"the template looped more than {MAX_TEMPLATE_STEPS:,} times")
+        yield item
+
 
 def _raise_exception(message):
     raise TemplateError(message)
@@ -164,7 +209,7 @@ def _compile(template: str) -> jinja2.Template:
                          extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
-                       dict=_TemplateDict(), namespace=_TemplateNamespace)
+                       dict=_TemplateDict(), namespace=_TemplateNamespace, range=_budgeted_range)
     try:
         return env.from_string(template)
     except TemplateSyntaxError as e:

@@ -255,3 +255,21 @@ def test_session_reset_and_order_rules(tokenizer):
     assert session.messages == [] and session.conversation() == [{"role": "system", "content": "S"}]
     with pytest.raises(ContextLengthError):
         ChatSession(tokenizer, window=128, max_new_tokens=128)
+
+
+@pytest.mark.parametrize("template,message", [
+    ("{{ 'x' * 10**10 }}", "repetition"),
+    ("{{ [1] * 10**9 }}", "repetition"),
+    ("{{ 9 ** 999999 }}", "too large a number"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "looped more than"),
+    ("{% for i in range(100000) %}{{ 'abcdefghij' * 100 }}{% endfor %}", "output passed"),
+    ("{# padding #}" + "x" * 70_000, "refuses more than"),
+])
+def test_templates_that_would_allocate_or_loop_without_bound_are_stopped(template, message):
+    with pytest.raises(TokenizerError, match=message):
+        render_chat(template, [{"role": "user", "content": "hi"}])
+
+
+def test_budgets_leave_ordinary_arithmetic_and_loops_alone():
+    template = "{% for i in range(3) %}{{ i }}{% endfor %}|{{ 2 ** 10 }}|{{ 'ab' * 3 }}|{{ messages | length }}"
+    assert render_chat(template, [{"role": "user", "content": "hi"}]) == "012|1024|ababab|1"
