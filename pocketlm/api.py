@@ -41,15 +41,22 @@ class CausalLM(Transformer):
             raise ConfigError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one")
         path = registry.resolve(path)
         if is_gguf(path):
-            from pocketlm.gguf import load_gguf
+            from pocketlm.gguf import GGUFFile
 
-            model = load_gguf(path, device=device, dtype=dtype or torch_dtype, cls=cls)
-            model.generation_config = {k: v for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                                       if (v := getattr(model.config, k)) is not None}
-            return model
+            with GGUFFile(path) as f:
+                return cls._from_gguf(f, device=device, dtype=dtype or torch_dtype)
         model = checkpoint.load_pretrained(path, device=device, dtype=dtype or torch_dtype,
                                            allow_pickle=allow_pickle, cls=cls)
         model.generation_config = checkpoint.read_generation_config(path)
+        return model
+
+    @classmethod
+    def _from_gguf(cls, f, device=None, dtype=None) -> "CausalLM":
+        from pocketlm.gguf import load_gguf
+
+        model = load_gguf(f, device=device, dtype=dtype, cls=cls)
+        model.generation_config = {k: v for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                                   if (v := getattr(model.config, k)) is not None}
         return model
 
     @classmethod
@@ -99,7 +106,13 @@ def is_gguf(path: str | Path) -> bool:
 
 
 def load_model_and_tokenizer(path: str | Path, *, device=None, dtype=None) -> tuple[CausalLM, Tokenizer]:
-    """Both halves of a local checkpoint folder or GGUF file."""
+    """Both halves of a local checkpoint folder, GGUF file (parsed once) or pulled registry name."""
+    path = registry.resolve(path)
+    if is_gguf(path):
+        from pocketlm.gguf import GGUFFile, tokenizer_from_gguf
+
+        with GGUFFile(path) as f:
+            return CausalLM._from_gguf(f, device=device, dtype=dtype), tokenizer_from_gguf(f)
     return CausalLM.from_pretrained(path, device=device, dtype=dtype), AutoTokenizer.from_pretrained(path)
 
 

@@ -109,6 +109,25 @@ class _Cursor:
         except UnicodeDecodeError:
             raise self.fail(field, "is not valid UTF-8", at) from None
 
+    def strings(self, n: int, field: str) -> list[str]:
+        """n length-prefixed UTF-8 strings in a row (what string() does, n times, faster)."""
+        data, pos, size, out = self.data, self.pos, self.size, []
+        unpack_length = struct.Struct("<Q").unpack_from
+        try:
+            for _ in range(n):
+                if size - pos < 8:
+                    raise self.fail(f"{field} length", "needs 8 bytes but fewer remain", pos)
+                (length,) = unpack_length(data, pos)
+                pos += 8
+                if length > size - pos:
+                    raise self.fail(field, f"needs {length} bytes but only {size - pos} remain", pos)
+                out.append(str(data[pos:pos + length], "utf-8"))
+                pos += length
+        except UnicodeDecodeError:
+            raise self.fail(field, "is not valid UTF-8", pos) from None
+        self.pos = pos
+        return out
+
     def count(self, field: str, min_item_bytes: int) -> int:
         """A 64-bit count of items that each need at least min_item_bytes: checked against what
         is left of the file before anything is allocated for them."""
@@ -247,6 +266,8 @@ class GGUFFile:
         if fmt is not None:  # numbers: one slice, no per-item Python objects until asked
             raw = c.take(n * item_bytes, f"value of {key!r}")
             return np.frombuffer(raw, dtype=np.dtype(fmt)).tolist()
+        if item_type == STRING:  # vocabularies: ~100k strings, so a tight loop
+            return c.strings(n, f"value of {key!r}")
         return [self._value(c, item_type, key, depth + 1) for _ in range(n)]
 
     # --- tensor data ---------------------------------------------------------------------------
@@ -473,17 +494,20 @@ def _unpermute(w: torch.Tensor, heads: int, path, name: str) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str | Path, device=None, dtype=None, cls=None):
-    """A model (`cls`, default Transformer) with the GGUF file's weights dequantized to `dtype`
-    (float32 by default), validated against the config its metadata describes."""
+def load_gguf(source: str | Path | GGUFFile, device=None, dtype=None, cls=None):
+    """A model (`cls`, default Transformer) with a GGUF file's weights dequantized to `dtype`
+    (float32 by default), validated against the config its metadata describes. `source` is a
+    path or an open GGUFFile (so the tokenizer can come from the same parse)."""
     from pocketlm.checkpoint import _resolve_dtype
     from pocketlm.model import Transformer
 
+    if not isinstance(source, GGUFFile):
+        with GGUFFile(source) as f:
+            return load_gguf(f, device, dtype, cls)
+    f, path = source, source.path
     cls = cls or Transformer
-    with GGUFFile(path) as f:
-        config = config_from_gguf(f)
-        target = _resolve_dtype(dtype, torch.float32)
-        tensors = state_dict_from_gguf(f, config, target)
+    config = config_from_gguf(f)
+    tensors = state_dict_from_gguf(f, config, _resolve_dtype(dtype, torch.float32))
     with torch.device("meta"):
         model = cls(config)
     expected = model.state_dict()

@@ -182,12 +182,19 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    # an uninitialised table (Transformer._init_weights fills it): nn.Embedding's own init would
+    # run normal_ on the meta device when building a model to load into, which costs ~2 s of
+    # imports inside torch on first use
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 class Backbone(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.embed_tokens = _embedding(config.vocab_size, config.n_embd)
         if config.pos == "learned":
-            self.embed_positions = nn.Embedding(config.max_position, config.n_embd)
+            self.embed_positions = _embedding(config.max_position, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
@@ -202,7 +209,8 @@ class Transformer(nn.Module):
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
-        self.apply(self._init_weights)
+        if self.lm_head.weight.device.type != "meta":  # a model built to be loaded into needs no init
+            self.apply(self._init_weights)
 
     def tie_weights(self) -> None:
         """Share the input embedding with the output projection when the config says so.
