@@ -177,7 +177,7 @@ def load_pretrained(path: str | Path, device=None, dtype=None, allow_pickle: boo
     config = load_config(folder)
     check_tokenizer_fits(folder, config)
     on_cpu = device is None or torch.device(device).type == "cpu"
-    raw = _read_weights(folder, allow_pickle, _output_head_names(config) if on_cpu else ())
+    raw = _read_weights(folder, allow_pickle, output_head_names(config) if on_cpu else ())
     tensors = _from_hf_names(config, raw)
 
     with torch.device("meta"):
@@ -203,7 +203,7 @@ def load_pretrained(path: str | Path, device=None, dtype=None, allow_pickle: boo
     return model.eval()
 
 
-def _output_head_names(config: ModelConfig) -> set[str]:
+def output_head_names(config: ModelConfig) -> set[str]:
     """The names the output projection's matrix may have on disk (the embedding's when tied),
     when decoding reads it faster from transposed storage (pocketlm.packing). Reading it that
     way at once spares the second copy that re-laying it out later would briefly need."""

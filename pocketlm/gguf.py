@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,16 +147,22 @@ class GGUFFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise NotFoundError(f"{self.path} is not a file; pass the path of a .gguf model file")
-        with open(self.path, "rb") as f:
+        self._file = open(self.path, "rb")
+        try:
             if self.path.stat().st_size == 0:
                 raise FormatError(f"{self.path}: the file is empty, not a GGUF model")
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._data = memoryview(self._map)
-        cursor = _Cursor(self._data, self.path)
-        self._parse(cursor)
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            self._data = memoryview(self._map)
+            self._parse(_Cursor(self._data, self.path))
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        """Unmap the file, unless arrays from raw() still view it (then it goes with them)."""
+        """Unmap and close the file (the map stays while arrays from raw() still view it)."""
+        self._file.close()
+        if not hasattr(self, "_data"):
+            return
         try:
             self._data.release()
             self._map.close()
@@ -277,11 +284,27 @@ class GGUFFile:
         info = self._info(name)
         return np.frombuffer(self._data, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
-    def dequantize(self, name: str) -> torch.Tensor:
-        """The tensor as float32, in torch order (outermost dimension first)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """A fresh copy of the tensor's bytes (or of rows [start, end) of its outermost
+        dimension), read from the file rather than through the map, so that the file's pages do
+        not stay in this process's memory beside the dequantized weights."""
         info = self._info(name)
-        values = dequantize(self.raw(name), info.type, info.numel)
-        return values.reshape(info.shape)
+        offset, nbytes = info.offset, info.nbytes
+        if rows is not None:
+            row_bytes = nbytes // info.shape[0]
+            offset, nbytes = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        out = np.empty(nbytes, dtype=np.uint8)
+        self._file.seek(offset)
+        if self._file.readinto(memoryview(out)) != nbytes:
+            raise FormatError(f"{self.path}: tensor {name!r} could not be read whole (the file changed?)")
+        return out
+
+    def dequantize(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor (or rows [start, end) of it) as float32, in torch order (outermost first)."""
+        info = self._info(name)
+        shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+        numel = int(np.prod(shape, dtype=np.int64))
+        return dequantize(self.read(name, rows), info.type, numel).reshape(shape)
 
     def _info(self, name: str) -> TensorInfo:
         try:
@@ -461,14 +484,31 @@ def config_from_gguf(f: GGUFFile) -> "ModelConfig":
         raise FormatError(f"{f.path}: the metadata describes an impossible model: {e}") from None
 
 
-def state_dict_from_gguf(f: GGUFFile, config, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Every tensor dequantized under our names, with llama.cpp's row order of q and k undone."""
+TRANSPOSED_CHUNK_ROWS = 4096
+
+
+def state_dict_from_gguf(f: GGUFFile, config, dtype: torch.dtype = torch.float32,
+                         transposed: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor dequantized under our names, with llama.cpp's row order of q and k undone.
+    Matrices named in `transposed` come in transposed storage (same shape and values), filled a
+    few thousand rows at a time, so the layout decoding prefers costs no second full copy."""
+    from pocketlm.packing import trim_heap
+
     out = {}
-    for name, info in f.tensors.items():
+    for i, (name, info) in enumerate(f.tensors.items()):
+        if i % 16 == 15:
+            trim_heap()  # dequantizing frees many temporaries; keep them from piling up
         ours = _our_name(name)
         if ours is None:
             raise FormatError(f"{f.path}: tensor {name!r} has no place in a {config.family} model; "
                               "the file may be of an architecture variant pocketlm does not support yet")
+        if ours in transposed and len(info.shape) == 2:
+            t = torch.empty(info.shape[::-1], dtype=dtype).t()
+            for start in range(0, info.shape[0], TRANSPOSED_CHUNK_ROWS):
+                end = min(start + TRANSPOSED_CHUNK_ROWS, info.shape[0])
+                t[start:end] = f.dequantize(name, (start, end))
+            out[ours] = t
+            continue
         t = f.dequantize(name)
         if ours.endswith(("q_proj.weight", "k_proj.weight")):
             t = _unpermute(t, config.n_head if "q_proj" in ours else config.n_kv_head, f.path, name)
@@ -498,7 +538,7 @@ def load_gguf(source: str | Path | GGUFFile, device=None, dtype=None, cls=None):
     """A model (`cls`, default Transformer) with a GGUF file's weights dequantized to `dtype`
     (float32 by default), validated against the config its metadata describes. `source` is a
     path or an open GGUFFile (so the tokenizer can come from the same parse)."""
-    from pocketlm.checkpoint import _resolve_dtype
+    from pocketlm.checkpoint import _resolve_dtype, output_head_names
     from pocketlm.model import Transformer
 
     if not isinstance(source, GGUFFile):
@@ -507,7 +547,9 @@ def load_gguf(source: str | Path | GGUFFile, device=None, dtype=None, cls=None):
     f, path = source, source.path
     cls = cls or Transformer
     config = config_from_gguf(f)
-    tensors = state_dict_from_gguf(f, config, _resolve_dtype(dtype, torch.float32))
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    tensors = state_dict_from_gguf(f, config, _resolve_dtype(dtype, torch.float32),
+                                   output_head_names(config) if on_cpu else ())
     with torch.device("meta"):
         model = cls(config)
     expected = model.state_dict()

@@ -1,0 +1,221 @@
+"""A real GGUF model (SmolLM2-135M-Instruct Q4_1 by default) run by pocketlm, by transformers
+(its own GGUF loading, dequantized to fp32) and by llama.cpp (llama-cpp-python, on the quantized
+weights), each in a fresh process, in one run on one machine.
+
+    .venv/bin/pocketlm pull smollm2-135m-instruct
+    python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install llama-cpp-python   # ~10+ min
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/real_model.py [--write docs/benchmarks.md]
+
+Per framework: load to first token (from the child's first line, imports included, to the first
+generated token of an 8-token prompt, cold), decode tok/s (128 new tokens greedy, EOS off: time of
+prompt → 129 tokens minus prompt → 1 token), prefill tok/s (512-token prompt → 1 token), and
+peak RSS. Warm-up runs first, then medians of --repeats. The prompts are real text tokenized by
+the model's tokenizer, the same ids for everyone. pocketlm's and transformers' first 32 greedy
+tokens are checked equal (both compute in fp32 from the same dequantized weights); llama.cpp
+computes with the quantized weights, so its tokens may differ and are not compared.
+"""
+
+import time
+
+T0 = time.perf_counter()  # the child's clock starts before its imports
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from _common import command_line, machine_description, replace_section  # noqa: E402
+
+HEADING = "## Real GGUF model: pocketlm, transformers, llama.cpp (bench/real_model.py)"
+FRAMEWORKS = ("pocketlm", "transformers", "llama.cpp")
+CHECK_TOKENS = 32
+LLAMACPP_PYTHON = Path(__file__).resolve().parent.parent / ".venv-llamacpp" / "bin" / "python"
+TEXT = ("The history of the printing press begins in the fifteenth century, when movable type made "
+        "it possible to reproduce books quickly and cheaply. Within decades, presses spread across "
+        "Europe, and the number of printed works grew from a few thousand to millions. ") * 40
+
+
+# --- children: one framework each, fresh process ------------------------------------------------
+
+def load_pocketlm(path, threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    from pocketlm.api import load_model_and_tokenizer
+    from pocketlm.generate import Generator
+
+    model, tokenizer = load_model_and_tokenizer(path)
+    gen = Generator(model, tokenizer)
+
+    def generate(ids, n):
+        out = gen.generate_ids(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None)
+        return out[0, len(ids):].tolist()
+
+    return generate
+
+
+def load_transformers(path, threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        Path(path).parent, gguf_file=Path(path).name, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+
+    def generate(ids, n):
+        ids = torch.tensor([ids])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+        return out[0, ids.shape[1]:].tolist()
+
+    return generate
+
+
+def load_llamacpp(path, threads):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+
+    def generate(ids, n):
+        out = []
+        for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(token)
+            if len(out) == n:
+                return out
+        return out
+
+    return generate
+
+
+def run_child(args) -> dict:
+    inputs = json.loads(Path(args.inputs).read_text())
+    short, long = inputs["short"], inputs["long"]
+    load = {"pocketlm": load_pocketlm, "transformers": load_transformers, "llama.cpp": load_llamacpp}[args.child]
+    generate = load(args.model, args.threads)
+    loaded = time.perf_counter() - T0
+    generate(short, 1)
+    first_token = time.perf_counter() - T0
+
+    def timed(ids, n):
+        start = time.perf_counter()
+        out = generate(ids, n)
+        seconds = time.perf_counter() - start
+        if len(out) != n:
+            raise SystemExit(f"{args.child} returned {len(out)} tokens, not {n}")
+        return seconds, out
+
+    n = args.new_tokens
+    cases = {"first": (short, 1), "full": (short, n + 1), "prefill": (long, 1)}
+    for case in cases.values():  # warm-up (llama.cpp repacks weights on first use)
+        timed(*case)
+    times = {name: [] for name in cases}
+    for _ in range(args.repeats):
+        for name, case in cases.items():
+            times[name].append(timed(*case)[0])
+    return {
+        "load_s": loaded,
+        "load_to_first_token_s": first_token,
+        "decode_tok_s": statistics.median(n / (full - one) for full, one in zip(times["full"], times["first"])),
+        "prefill_tok_s": len(long) / statistics.median(times["prefill"]),
+        "ttft_ms": statistics.median(times["first"]) * 1000,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "greedy": timed(short, CHECK_TOKENS)[1],
+    }
+
+
+# --- parent ----------------------------------------------------------------------------------------
+
+def spawn(framework: str, model: Path, inputs: Path, args) -> dict:
+    python = str(LLAMACPP_PYTHON) if framework == "llama.cpp" else sys.executable
+    command = [python, __file__, "--child", framework, "--model", str(model), "--inputs", str(inputs),
+               "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr[-4000:])
+        raise SystemExit(f"the {framework} child failed (exit {done.returncode}); its stderr is above")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(results: dict, args, model: Path, prompt_len: int, check: str) -> str:
+    rows = [("load → first token s (process start, imports included) ↓", "load_to_first_token_s", "{:.2f}"),
+            ("decode tok/s (128 new tokens after 8) ↑", "decode_tok_s", "{:.1f}"),
+            (f"prefill tok/s ({prompt_len}-token prompt) ↑", "prefill_tok_s", "{:.0f}"),
+            ("TTFT ms warm (8-token prompt) ↓", "ttft_ms", "{:.1f}"),
+            ("peak RSS MB ↓", "peak_rss_mb", "{:.0f}")]
+    present = [f for f in FRAMEWORKS if f in results]
+    lines = ["| metric | " + " | ".join(present) + " | pocketlm ÷ transformers | pocketlm ÷ llama.cpp |",
+             "|---" * (len(present) + 3) + "|"]
+    for label, key, fmt in rows:
+        values = [fmt.format(results[f][key]) for f in present]
+        ratios = [f"{results['pocketlm'][key] / results[o][key]:.2f}×" if o in results else "—"
+                  for o in ("transformers", "llama.cpp")]
+        lines.append(f"| {label} | " + " | ".join(values) + " | " + " | ".join(ratios) + " |")
+    return "\n".join([
+        f"Machine: {machine_description(None, ('torch', 'transformers', 'llama_cpp_python'))}. "
+        f"Date: {datetime.date.today().isoformat()}.",
+        "", "    " + command_line(), "",
+        f"Model: {model.name}; {args.threads} threads; greedy, EOS off; real-text prompt ids shared by all; "
+        f"each framework in a fresh process; medians of {args.repeats} after a warm-up. transformers "
+        f"loads the GGUF itself and dequantizes to fp32; pocketlm dequantizes to fp32; llama.cpp "
+        f"computes on the quantized weights. Check: {check}.",
+        "", *lines])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="GGUF file or registry name")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip", action="append", default=[], choices=FRAMEWORKS, help="leave a framework out")
+    parser.add_argument("--write", metavar="MARKDOWN", help="replace or append this script's section there")
+    parser.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args)))
+        return
+
+    from pocketlm import registry
+    from pocketlm.api import AutoTokenizer
+
+    model = registry.resolve(args.model)
+    ids = AutoTokenizer.from_pretrained(model).encode(TEXT)
+    if len(ids) < args.prompt_len:
+        raise SystemExit(f"the prompt text gives only {len(ids)} tokens")
+    frameworks = [f for f in FRAMEWORKS if f not in args.skip]
+    if "llama.cpp" in frameworks and not LLAMACPP_PYTHON.exists():
+        raise SystemExit(f"no {LLAMACPP_PYTHON}; build llama-cpp-python there (see this script's docstring) "
+                         "or pass --skip llama.cpp")
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp) / "inputs.json"
+        inputs.write_text(json.dumps({"short": ids[:8], "long": ids[:args.prompt_len]}))
+        results = {}
+        for framework in frameworks:
+            print(f"running {framework} ...", file=sys.stderr, flush=True)
+            results[framework] = spawn(framework, model, inputs, args)
+    check = "transformers not run"
+    if "transformers" in results:
+        same = results["pocketlm"]["greedy"] == results["transformers"]["greedy"]
+        check = (f"pocketlm's and transformers' first {CHECK_TOKENS} greedy tokens are "
+                 f"{'identical' if same else '**DIFFERENT: the comparison is not fair**'}")
+    text = report(results, args, model, args.prompt_len, check)
+    print(text)
+    if args.write:
+        replace_section(args.write, HEADING, text)
+
+
+if __name__ == "__main__":
+    main()
