@@ -35,6 +35,7 @@ from _common import command_line, machine_description, replace_section  # noqa: 
 HEADING = "## Real GGUF model: pocketlm, transformers, llama.cpp (bench/real_model.py)"
 FRAMEWORKS = ("pocketlm", "transformers", "llama.cpp")
 CHECK_TOKENS = 32
+VERSIONS = {}  # versions a child reports about itself (llama.cpp lives in its own venv)
 LLAMACPP_PYTHON = Path(__file__).resolve().parent.parent / ".venv-llamacpp" / "bin" / "python"
 TEXT = ("The history of the printing press begins in the fifteenth century, when movable type made "
         "it possible to reproduce books quickly and cheaply. Within decades, presses spread across "
@@ -81,8 +82,10 @@ def load_transformers(path, threads):
 
 
 def load_llamacpp(path, threads):
+    import llama_cpp
     from llama_cpp import Llama
 
+    VERSIONS["llama-cpp-python"] = llama_cpp.__version__
     llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
                 verbose=False)
 
@@ -130,6 +133,7 @@ def run_child(args) -> dict:
         "ttft_ms": statistics.median(times["first"]) * 1000,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "greedy": timed(short, CHECK_TOKENS)[1],
+        "versions": VERSIONS,
     }
 
 
@@ -162,7 +166,9 @@ def report(results: dict, args, model: Path, prompt_len: int, check: str) -> str
                   for o in ("transformers", "llama.cpp")]
         lines.append(f"| {label} | " + " | ".join(values) + " | " + " | ".join(ratios) + " |")
     return "\n".join([
-        f"Machine: {machine_description(None, ('torch', 'transformers', 'llama_cpp_python'))}. "
+        f"Machine: {machine_description(None, ('torch', 'transformers'))}"
+        + "".join(f", {k} {v}" for r in results.values() for k, v in r.get("versions", {}).items())
+        + f". "
         f"Date: {datetime.date.today().isoformat()}.",
         "", "    " + command_line(), "",
         f"Model: {model.name}; {args.threads} threads; greedy, EOS off; real-text prompt ids shared by all; "
