@@ -451,7 +451,8 @@ def config_from_gguf(f: GGUFFile) -> "ModelConfig":
         if value is _MISSING:
             raise FormatError(f"{f.path}: metadata {arch}.{key} is missing")
         if value is not None and value is not default and (isinstance(value, bool) or not isinstance(value, kind)):
-            raise FormatError(f"{f.path}: metadata {arch}.{key} is {value!r}, not a {kind.__name__}")
+            kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise FormatError(f"{f.path}: metadata {arch}.{key} is {value!r}, not a {kinds}")
         return value
 
     n_layer, n_embd, n_head = meta("block_count"), meta("embedding_length"), meta("attention.head_count")

@@ -177,7 +177,8 @@ def _llama_gguf(path, model, arch="llama", drop=(), extra_metadata=None, layers=
             "attention.layer_norm_rms_epsilon": float(c.norm_eps), "rope.freq_base": float(c.rope_theta)}
     meta.update(extra_metadata or {})
     for key, value in meta.items():
-        (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
+        add = {float: writer.add_float32, str: writer.add_string}.get(type(value), writer.add_uint32)
+        add(f"{arch}.{key}", value)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     layer = {v: k for k, v in {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -234,6 +235,7 @@ def test_llama_gguf_loads_as_the_model_it_was_written_from(tiny_llama, tmp_path)
     (dict(extra_metadata={"attention.head_count_kv": 3}), "impossible model"),
     (dict(drop=("blk.1.ffn_up.weight",)), "lacks 1 tensors"),
     (dict(extra_metadata={"embedding_length": 48}), "metadata describes"),
+    (dict(extra_metadata={"rope.freq_base": "fast"}), "is 'fast', not a int or float"),
 ])
 def test_metadata_that_contradicts_itself_or_the_tensors(tiny_llama, tmp_path, change, message):
     from pocketlm.gguf import load_gguf
