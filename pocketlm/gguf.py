@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pocketlm.errors import FormatError, NotFoundError
+from pocketlm.config import LLAMA, ModelConfig
+from pocketlm.errors import ConfigError, FormatError, NotFoundError
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -436,11 +437,8 @@ _LAYER_NAMES = {
 _MISSING = object()
 
 
-def config_from_gguf(f: GGUFFile) -> "ModelConfig":
+def config_from_gguf(f: GGUFFile) -> ModelConfig:
     """The ModelConfig a GGUF file's metadata describes, checked against its tensor table."""
-    from pocketlm.config import LLAMA, ModelConfig
-    from pocketlm.errors import ConfigError
-
     arch = f.metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise FormatError(f"{f.path}: the model architecture {arch!r} is not supported yet; pocketlm reads "
