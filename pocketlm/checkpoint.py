@@ -180,24 +180,31 @@ def load_pretrained(path: str | Path, device=None, dtype=None, allow_pickle: boo
     raw = _read_weights(folder, allow_pickle, output_head_names(config) if on_cpu else ())
     tensors = _from_hf_names(config, raw)
 
+    target = _resolve_dtype(dtype, next(iter(tensors.values())).dtype) if tensors else torch.float32
+    return model_from_tensors(cls, config, tensors, where=str(folder), device=device, dtype=target)
+
+
+def model_from_tensors(cls: type[Transformer], config: ModelConfig, tensors: dict[str, torch.Tensor], *,
+                       where: str, device=None, dtype: torch.dtype | None = None) -> Transformer:
+    """`cls(config)` holding `tensors` (our names; moved to device/dtype), after checking that
+    they are exactly the tensors the config needs, with the right shapes. `where` names the
+    source in errors. The tensors become the parameters: no copy beyond the device/dtype move."""
     with torch.device("meta"):
         model = cls(config)
     expected = model.state_dict()
     optional = {"lm_head.weight"} if config.tie_embeddings else set()
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
-        raise FormatError(f"{folder}: tensors not in a {config.family} model with this config: "
-                          f"{_names(unknown)}; is config.json from the same checkpoint?")
+        raise FormatError(f"{where}: tensors not in a {config.family} model with this config: "
+                          f"{_names(unknown)}; do the config and the weights come from the same model?")
     missing = sorted(set(expected) - set(tensors) - optional)
     if missing:
-        raise FormatError(f"{folder}: the weights lack {len(missing)} tensors the config needs: {_names(missing)}")
+        raise FormatError(f"{where}: the weights lack {len(missing)} tensors the config needs: {_names(missing)}")
     for name, t in tensors.items():
         if tuple(t.shape) != tuple(expected[name].shape):
-            raise FormatError(f"{folder}: tensor {name} has shape {tuple(t.shape)} but the config needs "
-                              f"{tuple(expected[name].shape)}; config.json and the weights disagree")
-
-    target = _resolve_dtype(dtype, next(iter(tensors.values())).dtype)
-    tensors = {k: v.to(device=device, dtype=target) for k, v in tensors.items()}
+            raise FormatError(f"{where}: tensor {name} has shape {tuple(t.shape)} but the config needs "
+                              f"{tuple(expected[name].shape)}; the config and the weights disagree")
+    tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     return model.eval()

@@ -537,7 +537,7 @@ def load_gguf(source: str | Path | GGUFFile, device=None, dtype=None, cls=None):
     """A model (`cls`, default Transformer) with a GGUF file's weights dequantized to `dtype`
     (float32 by default), validated against the config its metadata describes. `source` is a
     path or an open GGUFFile (so the tokenizer can come from the same parse)."""
-    from pocketlm.checkpoint import _resolve_dtype, output_head_names
+    from pocketlm.checkpoint import _resolve_dtype, model_from_tensors, output_head_names
     from pocketlm.model import Transformer
 
     if not isinstance(source, GGUFFile):
@@ -549,22 +549,7 @@ def load_gguf(source: str | Path | GGUFFile, device=None, dtype=None, cls=None):
     on_cpu = device is None or torch.device(device).type == "cpu"
     tensors = state_dict_from_gguf(f, config, _resolve_dtype(dtype, torch.float32),
                                    output_head_names(config) if on_cpu else ())
-    with torch.device("meta"):
-        model = cls(config)
-    expected = model.state_dict()
-    optional = {"lm_head.weight"} if config.tie_embeddings else set()
-    missing = sorted(set(expected) - set(tensors) - optional)
-    if missing:
-        raise FormatError(f"{path}: the file lacks {len(missing)} tensors a {config.family} model needs: "
-                          f"{', '.join(missing[:5])}")
-    for name, t in tensors.items():
-        if t.shape != expected[name].shape:
-            raise FormatError(f"{path}: tensor {name} has shape {tuple(t.shape)} but the metadata describes "
-                              f"{tuple(expected[name].shape)}")
-    model.load_state_dict({k: v.to(device) for k, v in tensors.items()} if device else tensors,
-                          strict=False, assign=True)
-    model.tie_weights()
-    return model.eval()
+    return model_from_tensors(cls, config, tensors, where=str(path), device=device)
 
 
 # --- GGUF → Tokenizer ---------------------------------------------------------------------------------

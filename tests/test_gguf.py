@@ -233,7 +233,7 @@ def test_llama_gguf_loads_as_the_model_it_was_written_from(tiny_llama, tmp_path)
     (dict(layers=3), "block_count is 3 but the file holds tensors for 2 layers"),
     (dict(extra_metadata={"vocab_size": 100}), "shape .* but the metadata describes 100 tokens"),
     (dict(extra_metadata={"attention.head_count_kv": 3}), "impossible model"),
-    (dict(drop=("blk.1.ffn_up.weight",)), "lacks 1 tensors"),
+    (dict(drop=("blk.1.ffn_up.weight",)), "lack 1 tensors"),
     (dict(extra_metadata={"embedding_length": 48}), "metadata describes"),
     (dict(extra_metadata={"rope.freq_base": "fast"}), "is 'fast', not a int or float"),
 ])
