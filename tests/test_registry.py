@@ -89,3 +89,13 @@ def test_registry_name_works_where_a_model_goes(smollm2_gguf, monkeypatch, capsy
     assert AutoTokenizer.from_pretrained("smollm2-135m-instruct").eos_token == "<|im_end|>"
     assert main(["info", "smollm2-135m-instruct"]) == 0
     assert "134,515,008" in capsys.readouterr().out
+
+
+def test_chat_with_no_model_talks_with_the_pulled_default(smollm2_gguf, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setenv("POCKETLM_HOME", str(smollm2_gguf.parents[2]))
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n/exit\n"))
+    assert main(["chat", "--greedy", "--max-new-tokens", "20"]) == 0
+    out, err = capsys.readouterr()
+    assert "Paris" in out and "pulling" not in err
