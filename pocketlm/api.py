@@ -109,11 +109,18 @@ def load_model_and_tokenizer(path: str | Path, *, device=None, dtype=None) -> tu
     """Both halves of a local checkpoint folder, GGUF file (parsed once) or pulled registry name."""
     path = registry.resolve(path)
     if is_gguf(path):
-        from pocketlm.gguf import GGUFFile, tokenizer_from_gguf
+        from pocketlm.gguf import GGUFFile
 
         with GGUFFile(path) as f:
-            return CausalLM._from_gguf(f, device=device, dtype=dtype), tokenizer_from_gguf(f)
+            return gguf_model_and_tokenizer(f, device=device, dtype=dtype)
     return CausalLM.from_pretrained(path, device=device, dtype=dtype), AutoTokenizer.from_pretrained(path)
+
+
+def gguf_model_and_tokenizer(f, *, device=None, dtype=None) -> tuple[CausalLM, Tokenizer]:
+    """Model and tokenizer from one open GGUFFile (its header parsed once for both)."""
+    from pocketlm.gguf import tokenizer_from_gguf
+
+    return CausalLM._from_gguf(f, device=device, dtype=dtype), tokenizer_from_gguf(f)
 
 
 class AutoModelForCausalLM:
@@ -140,9 +147,9 @@ class AutoTokenizer:
         if is_gguf(path):
             from pocketlm.gguf import GGUFFile, tokenizer_from_gguf
 
-            with GGUFFile(Path(path).expanduser()) as f:
+            with GGUFFile(path) as f:
                 return tokenizer_from_gguf(f)
-        return Tokenizer.from_pretrained(Path(path).expanduser())
+        return Tokenizer.from_pretrained(path)
 
 
 # the names from the classic snippets: same loaders, the checkpoint's config decides the family

@@ -20,11 +20,9 @@ from pocketlm.registry import DEFAULT_CHAT_MODEL
 def cmd_info(args) -> int:
     from collections import Counter
 
-    from pocketlm import checkpoint
-    from pocketlm.api import is_gguf, load_model_and_tokenizer
+    from pocketlm import checkpoint, registry
+    from pocketlm.api import gguf_model_and_tokenizer, is_gguf
     from pocketlm.tokenizer import Tokenizer
-
-    from pocketlm import registry
 
     args.path = registry.resolve(args.path)
     stored = None
@@ -34,7 +32,7 @@ def cmd_info(args) -> int:
         with GGUFFile(args.path) as f:
             stored = ", ".join(f"{n} × {kind}" for kind, n in
                                Counter(t.type.name for t in f.tensors.values()).most_common())
-        model, tokenizer = load_model_and_tokenizer(args.path)
+            model, tokenizer = gguf_model_and_tokenizer(f)
     else:
         model = checkpoint.load_pretrained(args.path, dtype="auto")
         folder = checkpoint.resolve_folder(args.path)

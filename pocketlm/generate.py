@@ -446,7 +446,7 @@ class Generator:
                 return
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)
-            if padded:
+            if padded and key_mask is None:  # the compiled step reads key_mask instead
                 mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
             positions = positions[:, -1:] + 1
             if key_mask is None:

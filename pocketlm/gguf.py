@@ -103,16 +103,10 @@ class _Cursor:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt), field))[0]
 
     def string(self, field: str) -> str:
-        at = self.pos
-        n = self.unpack("<Q", f"{field} length")
-        raw = self.take(n, field)
-        try:
-            return str(raw, "utf-8")
-        except UnicodeDecodeError:
-            raise self.fail(field, "is not valid UTF-8", at) from None
+        return self.strings(1, field)[0]
 
     def strings(self, n: int, field: str) -> list[str]:
-        """n length-prefixed UTF-8 strings in a row (what string() does, n times, faster)."""
+        """n length-prefixed UTF-8 strings in a row, in one tight loop (vocabularies hold ~100k)."""
         data, pos, size, out = self.data, self.pos, self.size, []
         unpack_length = struct.Struct("<Q").unpack_from
         try:
@@ -318,17 +312,18 @@ class GGUFFile:
 
 def dequantize(raw: np.ndarray, kind: TensorType, numel: int) -> torch.Tensor:
     """Float32 values (numel,) from the raw bytes of `numel` values of type `kind`."""
+    if not raw.flags.writeable:  # a view of the map (raw()); bytes from read() are ours already
+        raw = raw.copy()
     if kind.name == "F32":
-        return torch.from_numpy(raw.view(np.float32).copy())
+        return torch.from_numpy(raw.view(np.float32))
     if kind.name == "F16":
         return torch.from_numpy(raw.view(np.float16).astype(np.float32))
     if kind.name == "BF16":
-        bits = torch.from_numpy(raw.view(np.int16).copy())
-        return bits.view(torch.bfloat16).float()
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
     decode = _BLOCK_DECODERS.get(kind.name)
     if decode is None:
         raise FormatError(f"dequantizing {kind.name} is not supported yet")
-    blocks = torch.from_numpy(raw.reshape(-1, kind.block_bytes).copy())  # (N, block_bytes) uint8
+    blocks = torch.from_numpy(raw.reshape(-1, kind.block_bytes))  # (N, block_bytes) uint8
     return decode(blocks).reshape(numel)
 
 

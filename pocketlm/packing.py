@@ -77,7 +77,7 @@ class FusedWeights:
     several. Each Parameter keeps its identity and shape and becomes a view of the buffer.
 
     The buffer is not a Parameter, so gradients would not reach the weights through it: callers
-    use it only when grad is off, and only while `matches` sees every weight still in place
+    use it only while `serves` says so: grad is off and every weight is still in place
     (`model.to(...)` or a load with assign=True gives parameters new storage; the caller then
     falls back to the separate products)."""
 
@@ -108,8 +108,9 @@ class FusedWeights:
         self.bias = bias
         self.pointers = _pointers(linears)
 
-    def matches(self, linears: list[nn.Linear]) -> bool:
-        return _pointers(linears) == self.pointers
+    def serves(self, linears: list[nn.Linear]) -> bool:
+        """Whether the fused product may stand in for these linears now."""
+        return not torch.is_grad_enabled() and _pointers(linears) == self.pointers
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return few_row_linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
@@ -125,9 +126,7 @@ class FastAttention(Attention):
 
     def project_qkv(self, x):
         linears = [self.q_proj, self.k_proj, self.v_proj]
-        if torch.is_grad_enabled() or not self.fused_qkv.matches(linears):
-            return super().project_qkv(x)
-        return self.fused_qkv(x)
+        return self.fused_qkv(x) if self.fused_qkv.serves(linears) else super().project_qkv(x)
 
 
 class FastMLP(MLP):
@@ -135,9 +134,7 @@ class FastMLP(MLP):
 
     def project_gate_up(self, x):
         linears = [self.gate_proj, self.up_proj]
-        if torch.is_grad_enabled() or not self.fused_gate_up.matches(linears):
-            return super().project_gate_up(x)
-        return self.fused_gate_up(x)
+        return self.fused_gate_up(x) if self.fused_gate_up.serves(linears) else super().project_gate_up(x)
 
 
 def pack_linears(model: nn.Module, include: Callable[[str], bool] | None = None) -> int:
