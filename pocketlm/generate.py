@@ -29,7 +29,7 @@ import torch
 
 from pocketlm.errors import ConfigError, ContextLengthError
 from pocketlm.model import Transformer
-from pocketlm.packing import pack_linears, unpack_linears
+from pocketlm.packing import DecodeStep, pack_linears, unpack_linears
 
 log = logging.getLogger(__name__)
 
@@ -412,6 +412,7 @@ class Generator:
         logits = model(ids, attention_mask=mask if padded else None, cache=cache,
                        position_ids=positions, logits_to_keep=1).logits[:, -1]
         key_mask = None
+        fast_step = DecodeStep.for_model(model) if self._compiled_step is None else None
         if self._compiled_step is not None:
             key_mask = torch.zeros(B, cache_len, dtype=torch.bool, device=device)
             key_mask[:, :longest] = mask.bool()
@@ -449,7 +450,9 @@ class Generator:
             if padded and key_mask is None:  # the compiled step reads key_mask instead
                 mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
             positions = positions[:, -1:] + 1
-            if key_mask is None:
+            if fast_step is not None:
+                logits = fast_step(tokens, positions[:, 0], cache, mask.bool() if padded else None)
+            elif key_mask is None:
                 logits = model(tokens[:, None], attention_mask=mask if padded else None, cache=cache,
                                position_ids=positions).logits[:, -1]
             else:

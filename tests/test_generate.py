@@ -70,8 +70,9 @@ def test_batched_prompts_of_different_lengths_match_each_alone(llama, tokenizer)
     assert all(c.finish_reason == "length" and len(c.token_ids) == 12 for c in together)
 
 
-def test_hf_style_left_padded_batch_matches_transformers(tmp_path):
-    config = ModelConfig(**TINY["gpt2-untied"])
+@pytest.mark.parametrize("name", ["gpt2-untied", "llama-gqa-tied"])
+def test_hf_style_left_padded_batch_matches_transformers(name, tmp_path):
+    config = ModelConfig(**TINY[name])
     model = randomize(CausalLM.from_config(config), seed=5).eval()
     model.save_pretrained(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()

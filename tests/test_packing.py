@@ -8,8 +8,9 @@ from torch import nn
 from conftest import TINY, randomize
 from pocketlm.checkpoint import load_pretrained, save_pretrained
 from pocketlm.config import ModelConfig
+from pocketlm.errors import ContextLengthError
 from pocketlm.model import Transformer
-from pocketlm.packing import FastLinear, FusedWeights, pack_linears, unpack_linears
+from pocketlm.packing import DecodeStep, FastLinear, FusedWeights, pack_linears, unpack_linears
 
 
 def _model(name: str, seed: int = 0) -> Transformer:
@@ -106,6 +107,54 @@ def test_decode_with_cache_matches():
         model(ids[:, :4], cache=cache)
         steps = [model(ids[:, t:t + 1], cache=cache).logits for t in range(4, 7)]
     assert torch.allclose(torch.cat(steps, dim=1), full[:, 4:], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "llama-mha-untied"])
+def test_decode_step_is_the_models_forward_with_a_cache(name, threads):
+    """The flat decode loop against Transformer.forward: a left-padded batch, several steps,
+    logits and the cache contents both."""
+    model = _model(name)
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (2, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        pack_linears(model)
+        step = DecodeStep.for_model(model)
+        assert step is not None
+        ours, theirs = model.new_cache(2, 12), model.new_cache(2, 12)
+        for cache in (ours, theirs):
+            model(ids, attention_mask=mask, cache=cache, position_ids=positions)
+        for t in range(4):
+            tokens = torch.randint(0, V, (2,))
+            mask = torch.cat((mask, torch.ones(2, 1, dtype=mask.dtype)), dim=1)
+            positions = positions[:, -1:] + 1
+            expected = model(tokens[:, None], attention_mask=mask, cache=theirs, position_ids=positions).logits[:, -1]
+            got = step(tokens, positions[:, 0], ours, mask.bool())
+            assert torch.allclose(got, expected, atol=1e-5), (t, (got - expected).abs().max())
+        assert ours.length == theirs.length == 9
+        for a, b in zip(ours.keys + ours.values, theirs.keys + theirs.values):
+            assert torch.allclose(a, b, atol=1e-6)
+        full = model.new_cache(2, ours.length)
+        full.length = ours.length
+        with pytest.raises(ContextLengthError):
+            step(tokens, positions[:, 0] + 1, full)
+
+
+def test_decode_step_only_where_it_is_the_same_model():
+    llama = _model("llama-gqa-tied")
+    with torch.no_grad():
+        assert DecodeStep.for_model(llama) is None  # not packed
+        pack_linears(llama)
+        assert DecodeStep.for_model(llama) is not None
+        gpt2 = _model("gpt2-tied")
+        pack_linears(gpt2)
+        assert DecodeStep.for_model(gpt2) is None  # learned positions, LayerNorm, GELU, biases
+        llama.to(torch.float64)  # weights leave the fused buffers
+        assert DecodeStep.for_model(llama) is None
+    llama = _model("llama-gqa-tied")
+    pack_linears(llama)
+    assert DecodeStep.for_model(llama) is None  # grad on: training must see the modules
 
 
 def test_load_state_dict_and_save_load_round_trip(tmp_path):
