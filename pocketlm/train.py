@@ -1,0 +1,573 @@
+"""Training: one `Trainer` that maximises the likelihood of each next token, and the run folder it
+keeps.
+
+A run folder holds `train_config.json` and `model_config.json` (the resolved settings),
+`metrics.csv` (step, train_loss, val_loss, lr, tokens_per_s), `loss.png` (with the `plot` extra)
+and `checkpoints/step-NNNNNNN/`: each a Hugging Face folder (it loads in `pocketlm generate` and
+in transformers) plus the training state — `training_state.safetensors` (optimizer moments, RNG
+states, the data position) and `trainer_state.json`, written last. A checkpoint is written into
+a hidden temporary folder, every file synced, and renamed into place only when complete, so a
+crash at any moment leaves the previous checkpoints as they were. `--resume` continues from the
+newest complete one; on CPU with the same thread count it reproduces an uninterrupted run's
+losses bit for bit.
+
+Under `torchrun --nproc-per-node=N` the same Trainer runs data-parallel (DDP; gloo on CPU, nccl
+on GPU): every rank draws the same global batch and reads its own rows, rank 0 writes the logs
+and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pocketlm.config import TrainConfig
+from pocketlm.errors import ConfigError, PocketLMError
+from pocketlm.files import atomic_path, atomic_write_json, fsync_dir, read_json
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "training_state.safetensors"
+METRICS = ("step", "train_loss", "val_loss", "lr", "tokens_per_s")
+FAULT_ENV = "POCKETLM_FAULT"  # tests: name a point inside a checkpoint save to die there (like kill -9)
+
+
+class TrainingError(PocketLMError, RuntimeError):
+    """Training cannot go on (the loss diverged, the run folder is not resumable, ...)."""
+
+
+# --- distributed setup ---------------------------------------------------------------------------
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device_type: str) -> "Distributed":
+        """torchrun's environment → an initialised process group (none for one process)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+    def mean(self, value: float) -> float:
+        """The mean of a number over the ranks."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+# --- the trainer -------------------------------------------------------------------------------
+
+class Trainer:
+    """Pretraining by maximum likelihood: minimise mean −log p(token | the tokens before it)."""
+
+    def __init__(self, config: TrainConfig):
+        from pocketlm.data import Batches, TokenShard, eval_windows
+        from pocketlm.tokenizer import Tokenizer
+
+        config.validate()
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = _device(config.device)
+        self.dist = Distributed.from_env(self.device.type)
+        if self.device.type == "cuda" and self.dist.world_size > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.autocast = _autocast_dtype(config.precision, self.device)
+        self.out = Path(config.out)
+        self.checkpoints = self.out / CHECKPOINTS
+
+        self.tokenizer = Tokenizer.from_pretrained(config.data)
+        self.train_shard, val_shard = TokenShard(config.data, "train"), TokenShard(config.data, "val")
+        for shard in (self.train_shard, val_shard):
+            shard.check_tokenizer(self.tokenizer)
+
+        resume_from = self._resume_point()
+        torch.manual_seed(config.seed)  # the initial weights
+        self.model = self._build_model(resume_from)
+        vocab = self.model.config.vocab_size
+        if vocab < self.train_shard.vocab_size:
+            raise ConfigError(f"the model's vocabulary has {vocab:,} tokens but the data's tokenizer has "
+                              f"{self.train_shard.vocab_size:,}; prepare the data with the model's tokenizer")
+        self.batches = Batches(self.train_shard, config.batch_size, config.block_size, vocab, config.seed,
+                               self.dist.rank, self.dist.world_size)
+        self.val = eval_windows(val_shard, config.eval_windows, config.block_size, vocab)[self.dist.rank::self.dist.world_size]
+        self.model.to(self.device)
+        self.optimizer = self._build_optimizer()
+        self.step = 0
+        self.forward = self.model
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if config.compile:
+            self.forward = torch.compile(self.forward)
+        if resume_from is not None:
+            self._load_state(resume_from)
+        self._stop_signal: str | None = None
+
+    # --- building ---
+
+    def _build_model(self, resume_from: Path | None):
+        from pocketlm.api import CausalLM
+        from pocketlm.config import PRESETS, ModelConfig
+
+        c = self.config
+        source = resume_from or (None if c.model in PRESETS else Path(c.model))
+        if source is None:
+            preset = ModelConfig.preset(c.model)
+            eos = self.tokenizer.eos_token_id
+            config = dataclasses.replace(
+                preset, vocab_size=len(self.tokenizer), dropout=c.dropout, eos_token_id=eos,
+                bos_token_id=self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else eos,
+                pad_token_id=None, max_position=max(c.block_size, preset.max_position if preset.pos != "learned"
+                                                    else c.block_size))
+            config.validate()
+            model = CausalLM.from_config(config)
+        else:
+            from pocketlm.tokenizer import Tokenizer
+
+            model = CausalLM.from_pretrained(source, dtype=torch.float32)
+            if (source / "tokenizer.json").is_file():
+                theirs = Tokenizer.from_pretrained(source).fingerprint()
+                if theirs != self.train_shard.tokenizer_sha256:
+                    from pocketlm.data import DataError
+
+                    raise DataError(f"{source} has a different tokenizer than the data in {c.data} "
+                                    "(their fingerprints differ); prepare the data with --tokenizer "
+                                    f"{source}")
+        with torch.no_grad():  # training runs on plain contiguous weights, whatever layout loading chose
+            for p in model.parameters():
+                if not p.is_contiguous():
+                    p.data = p.data.contiguous()
+        if model.config.pos == "learned" and c.block_size > model.config.max_position:
+            raise ConfigError(f"block_size {c.block_size} is beyond the model's {model.config.max_position} "
+                              "learned positions")
+        return model.train()
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # decay the matrices (weights of products, embeddings); leave norms' scales and biases alone
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2),
+                                 fused=self.device.type == "cuda" or None)
+
+    # --- the loop ---
+
+    def fit(self) -> dict[str, float]:
+        """Train to max_steps (or max_minutes, or a SIGINT/SIGTERM, each of which saves a
+        checkpoint first). Returns the last train and validation losses."""
+        c = self.config
+        main = self.dist.main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out / "train_config.json", dataclasses.asdict(c))
+            atomic_write_json(self.out / "model_config.json", dataclasses.asdict(self.model.config))
+            self._trim_metrics()
+        tokens_per_step = c.batch_size * c.grad_accum * c.block_size * self.dist.world_size
+        bar = _progress(self.step, c.max_steps) if main else None
+        previous = self._install_signal_handlers()
+        started, window_start, window_tokens = time.monotonic(), time.monotonic(), 0
+        last = {"train_loss": float("nan"), "val_loss": float("nan")}
+        try:
+            while self.step < c.max_steps:
+                loss = self._train_step()
+                self.step += 1
+                window_tokens += tokens_per_step
+                last["train_loss"] = loss
+                elapsed = time.monotonic() - window_start
+                speed = window_tokens / elapsed if elapsed > 0 else 0.0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:,.0f}", refresh=False)
+                    bar.update(1)
+                evaluate = self.step % c.eval_every == 0 or self.step == c.max_steps
+                out_of_time = c.max_minutes > 0 and time.monotonic() - started > 60 * c.max_minutes
+                stop = self.dist.any(self._stop_signal is not None or out_of_time)
+                row = None
+                if evaluate or stop or self.step % c.log_every == 0:
+                    row = {"step": self.step, "train_loss": loss, "val_loss": "", "lr": c.lr_at(self.step - 1),
+                           "tokens_per_s": round(speed, 1)}
+                    window_start, window_tokens = time.monotonic(), 0
+                if evaluate or stop:
+                    last["val_loss"] = row["val_loss"] = self.evaluate()
+                    if main:
+                        self._report(row, bar)
+                    self.save_checkpoint()
+                if row is not None and main:
+                    self._append_metrics(row)
+                if stop:
+                    why = f"{self._stop_signal}" if self._stop_signal else f"the {c.max_minutes:g}-minute limit"
+                    log.info("stopped by %s at step %d; checkpoint saved; continue with --resume", why, self.step)
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            self._restore_signal_handlers(previous)
+        return last
+
+    def _train_step(self) -> float:
+        c = self.config
+        lr = c.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for micro in range(c.grad_accum):
+            window = self.batches.next().to(self.device, non_blocking=True)
+            syncing = micro == c.grad_accum - 1 or self.dist.world_size == 1
+            with _maybe_no_sync(self.forward, syncing), self._autocast():
+                loss = next_token_loss(self.forward, window) / c.grad_accum
+            loss.backward()
+            total += loss.item()
+        loss_value = self.dist.mean(total)
+        if not math.isfinite(loss_value):
+            self._diverged(f"the training loss became {loss_value}")
+        if c.grad_clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
+            if not math.isfinite(norm):
+                self._diverged(f"the gradient norm became {norm}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value
+
+    def _diverged(self, what: str) -> None:
+        newest = newest_checkpoint(self.checkpoints)
+        kept = f"the last good checkpoint is {newest}" if newest else "no checkpoint had been written yet"
+        raise TrainingError(f"{what} at step {self.step + 1}; stopped before updating the weights, and "
+                            f"{kept}. Lower --lr (now {self.config.lr:g}), raise --warmup-steps or check the data, "
+                            "then continue with --resume")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over the fixed validation windows (all ranks together)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for window in self.val:
+            with self._autocast():
+                total += float(next_token_loss(self.model, window.to(self.device)))
+            count += 1
+        self.model.train()
+        if self.dist.world_size > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor([total, count], dtype=torch.float64)
+            dist.all_reduce(t)
+            total, count = float(t[0]), int(t[1])
+        return total / max(count, 1)
+
+    def sample(self) -> str:
+        """A short sample from the model, drawn with its own seeded generator so that sampling
+        never moves the training RNG; the weights stay as they are (no packing)."""
+        from pocketlm.generate import Generator
+
+        c = self.config
+        prompt = self.tokenizer.encode(c.sample_prompt, add_special_tokens=False) if c.sample_prompt else []
+        prompt = prompt or [self.tokenizer.eos_token_id]
+        self.model.eval()
+        try:
+            gen = Generator(self.model, self.tokenizer, pack=False)
+            done = gen.generate(prompt, max_new_tokens=c.sample_tokens, do_sample=True, temperature=0.8,
+                                top_k=50, seed=c.seed + self.step, eos_token_id=None)
+        finally:
+            self.model.train()
+        return c.sample_prompt + done.text
+
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    # --- reporting ---
+
+    def _report(self, row: dict, bar) -> None:
+        write = bar.write if bar is not None else print
+        write(f"step {row['step']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+              f"lr {row['lr']:.2e}, {row['tokens_per_s']:,.0f} tokens/s")
+        if self.config.sample_tokens:
+            write("  sample: " + self.sample().replace("\n", "\n          ")[:1000])
+
+    def _append_metrics(self, row: dict) -> None:
+        path = self.out / "metrics.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRICS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if row["val_loss"] != "":
+            plot_losses(path, self.out / "loss.png")
+
+    def _trim_metrics(self) -> None:
+        """On resume, drop the rows of steps that will be trained again."""
+        path = self.out / "metrics.csv"
+        if not path.exists():
+            return
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= self.step]
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRICS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    # --- checkpoints ---
+
+    def save_checkpoint(self) -> Path | None:
+        """Write checkpoints/step-N (rank 0), atomically; keep the newest keep_last."""
+        if not self.dist.main:
+            self.dist.barrier()
+            return None
+        from safetensors.torch import save_file
+
+        target = self.checkpoints / f"step-{self.step:07d}"
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".{target.name}."))
+        try:
+            self.model.save_pretrained(staging, tokenizer=self.tokenizer)
+            _fault("after-weights")
+            tensors, meta = self._state()
+            save_file(tensors, staging / STATE_TENSORS)
+            _fault("after-state")
+            atomic_write_json(staging / STATE_JSON, meta)  # last: its presence marks a complete checkpoint
+            for f in staging.iterdir():
+                with open(f, "rb+") as handle:
+                    os.fsync(handle.fileno())
+            fsync_dir(staging)
+            _fault("before-rename")
+            if target.exists():  # the same step saved again (a stop right after an eval)
+                shutil.rmtree(target)
+            os.replace(staging, target)
+            fsync_dir(self.checkpoints)
+            _fault("after-rename")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        for old in complete_checkpoints(self.checkpoints)[:-self.config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+        return target
+
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The optimizer, RNGs and data position as tensors, the rest as JSON."""
+        opt = self.optimizer.state_dict()
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, state in opt["state"].items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(index), {})[key] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.data"] = self.batches.state()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
+        meta = {"step": self.step, "optimizer": {"param_groups": groups, "scalars": scalars},
+                "world_size": self.dist.world_size, "train_config": dataclasses.asdict(self.config)}
+        return tensors, meta
+
+    def _resume_point(self) -> Path | None:
+        newest = newest_checkpoint(self.checkpoints)
+        if not self.config.resume:
+            if newest is not None:
+                raise ConfigError(f"{self.out} already holds checkpoints ({newest.name}); pass --resume to "
+                                  "continue that run, or choose another --out")
+            return None
+        if newest is None:
+            log.info("nothing to resume in %s: starting a new run", self.out)
+        return newest
+
+    def _load_state(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        meta = read_json(folder / STATE_JSON, "trainer state")
+        try:
+            tensors = load_file(folder / STATE_TENSORS)
+        except Exception as e:  # safetensors raises its own error types for broken files
+            raise TrainingError(f"{folder / STATE_TENSORS} cannot be read ({e}); resume from an older "
+                                "checkpoint by removing this one") from None
+        state: dict[int, dict[str, Any]] = {}
+        for name, t in tensors.items():
+            if name.startswith("optimizer."):
+                _, index, key = name.split(".", 2)
+                state.setdefault(int(index), {})[key] = t.to(self.device)
+        for index, values in meta["optimizer"]["scalars"].items():
+            state.setdefault(int(index), {}).update(values)
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.batches.restore(tensors["rng.data"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.step = int(meta["step"])
+        if meta.get("world_size", 1) != self.dist.world_size:
+            log.warning("the checkpoint was written by %s processes, this run has %d: the batches differ from "
+                        "an uninterrupted run", meta.get("world_size"), self.dist.world_size)
+        log.info("resumed from %s (step %d)", folder, self.step)
+
+    # --- signals ---
+
+    def _install_signal_handlers(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            self._stop_signal = signal.Signals(signum).name
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _restore_signal_handlers(self, previous) -> None:
+        for s, h in (previous or {}).items():
+            signal.signal(s, h)
+
+
+def next_token_loss(model, window: torch.Tensor) -> torch.Tensor:
+    """The maximum-likelihood objective on windows (B, T+1): the mean over positions of
+    −log p(window[t+1] | window[..t])."""
+    inputs, targets = window[:, :-1], window[:, 1:]
+    logits = model(inputs).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+# --- checkpoint folders -------------------------------------------------------------------------
+
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints in `folder`, oldest first (a folder counts once its
+    trainer_state.json, written last, is there)."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / STATE_JSON).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    done = complete_checkpoints(folder)
+    return done[-1] if done else None
+
+
+def _fault(point: str) -> None:
+    # tests kill the process at a named point inside a save, as `kill -9` would
+    if os.environ.get(FAULT_ENV) == point:
+        os._exit(86)
+
+
+# --- small helpers ------------------------------------------------------------------------------
+
+def plot_losses(metrics: Path, out: Path) -> bool:
+    """Train and validation loss against step, as a PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    with open(metrics, newline="") as f:
+        rows = list(csv.DictReader(f))
+    train = [(int(r["step"]), float(r["train_loss"])) for r in rows if r["train_loss"]]
+    val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for points, label in ((train, "train"), (val, "validation")):
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("this GPU has no bf16; use --precision fp32")
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
+def _maybe_no_sync(module, syncing: bool):
+    if syncing or not hasattr(module, "no_sync"):
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
+def _progress(start: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
+def train(config: TrainConfig) -> dict[str, float]:
+    """Build a Trainer for `config` and run it."""
+    return Trainer(config).fit()
