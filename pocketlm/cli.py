@@ -98,17 +98,9 @@ def load_for_generation(args):
 
 
 def _device(name: str | None):
-    import torch
+    from pocketlm.config import resolve_device
 
-    if name is None:  # use the GPU when there is one
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:1, mps, ...") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: this machine has no CUDA GPU that torch can use")
-    return device
+    return resolve_device(name)
 
 
 def sampling_overrides(args) -> dict:
@@ -368,6 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(p, "TrainConfig")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("eval", help="loss and perplexity of a model on a text",
+                       description="Score a text file, or the validation split of a `pocketlm prepare` "
+                                   "folder, with a sliding window; print the mean loss and perplexity.")
+    _add_model_flags(p)
+    p.add_argument("--data", required=True, metavar="DIR|FILE", help="a text file or a prepared data folder")
+    p.add_argument("--max-length", type=int, metavar="N", help="window length (default: the model's, at most 1024)")
+    p.add_argument("--stride", type=int, metavar="N", help="window step (default: half a window)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("generate", help="continue a prompt with a model",
                        description="Continue PROMPT with the model and print the new text. Passing a "
                                    "sampling flag (--temperature, --top-k, --top-p, --min-p) means sample; "
@@ -451,6 +453,18 @@ def cmd_train(args) -> int:
     if trainer.dist.main:
         print(f"train loss {last['train_loss']:.4f}, validation loss {last['val_loss']:.4f}; "
               f"checkpoints in {trainer.checkpoints}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pocketlm.api import load_model_and_tokenizer
+    from pocketlm.evaluate import perplexity, tokens_to_score
+
+    model, tokenizer = load_model_and_tokenizer(args.model, device=_device(args.device), dtype=args.dtype)
+    ids = tokens_to_score(args.data, tokenizer, args.max_tokens)
+    result = perplexity(model, ids, max_length=args.max_length, stride=args.stride, progress=sys.stderr.isatty())
+    print(f"loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f} "
+          f"({result.tokens:,} tokens, {result.windows} windows)")
     return 0
 
 

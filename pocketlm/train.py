@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pocketlm.config import TrainConfig
+from pocketlm.config import TrainConfig, resolve_device
 from pocketlm.errors import ConfigError, PocketLMError
 from pocketlm.files import atomic_path, atomic_write_json, fsync_dir, read_json
 
@@ -118,7 +118,7 @@ class Trainer:
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.device = _device(config.device)
+        self.device = resolve_device(config.device)
         self.dist = Distributed.from_env(self.device.type)
         if self.device.type == "cuda" and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -538,18 +538,6 @@ def plot_losses(metrics: Path, out: Path) -> bool:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return True
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
-    return device
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

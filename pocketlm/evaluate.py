@@ -1,0 +1,93 @@
+"""Perplexity of a causal language model over a long text, by a sliding window.
+
+A text longer than the model's window is scored window by window; each window starts `stride`
+tokens after the previous one, and only the tokens not scored before count, so every token but
+the first is scored exactly once, with up to `max_length - stride` tokens of context before it.
+perplexity = exp(mean −log p(token | the tokens before it)). This is the method the transformers
+documentation uses; here each window's new tokens are counted exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pocketlm.errors import ConfigError, NotFoundError
+
+
+@dataclass
+class Perplexity:
+    loss: float  # mean negative log-likelihood per token, in nats
+    tokens: int  # tokens scored
+    windows: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, max_length: int | None = None, stride: int | None = None,
+               progress: bool = False) -> Perplexity:
+    """Score the 1-D token ids with windows of max_length tokens (default: the model's context,
+    at most 1024) moved by stride (default: half a window)."""
+    ids = torch.as_tensor(ids).flatten()
+    if ids.numel() < 2:
+        raise ConfigError(f"perplexity needs at least 2 tokens, got {ids.numel()}")
+    max_length = max_length or min(1024, model.config.max_position)
+    stride = stride or max(1, max_length // 2)
+    if not 0 < stride <= max_length:
+        raise ConfigError(f"stride must be in 1..max_length ({max_length}), got {stride}")
+    if max_length > model.config.max_position:
+        raise ConfigError(f"max_length {max_length} is beyond the model's context of {model.config.max_position}")
+    model.eval()
+    device = model.device
+    total, count, windows = 0.0, 0, 0
+    scored_until = 1  # position 0 has nothing before it
+    starts = range(0, ids.numel(), stride)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(starts), unit="window", desc="scoring")
+    for begin in starts:
+        end = min(begin + max_length, ids.numel())
+        window = ids[begin:end].to(device)[None]
+        logp = model(window).logits[0, :-1].float().log_softmax(-1)  # predicts window[1:]
+        targets = window[0, 1:]
+        # the targets no earlier window scored (with stride == max_length, a window's first token
+        # has no context inside it and stays unscored, as in the transformers method)
+        new = slice(max(0, scored_until - begin - 1), None)
+        total -= float(logp[new].gather(-1, targets[new, None]).sum())
+        count += targets[new].numel()
+        scored_until, windows = end, windows + 1
+        if bar is not None:
+            bar.update(1)
+        if end == ids.numel():
+            break
+    if bar is not None:
+        bar.close()
+    return Perplexity(loss=total / count, tokens=count, windows=windows)
+
+
+def tokens_to_score(source: str | Path, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+    """The ids a perplexity run scores: a text file (tokenized as a whole, special tokens as the
+    tokenizer adds them), or a folder of shards from `pocketlm prepare` (its validation split)."""
+    from pocketlm.data import DataError, TokenShard
+
+    source = Path(source)
+    if source.is_dir():
+        shard = TokenShard(source, "val")
+        shard.check_tokenizer(tokenizer)
+        end = shard.count if max_tokens is None else min(shard.count, max_tokens)
+        return torch.from_numpy(shard.tokens[:end].astype("int64"))
+    if not source.is_file():
+        raise NotFoundError(f"no such file or data folder: {source}")
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{source} is not UTF-8 text") from None
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    return ids if max_tokens is None else ids[:max_tokens]
