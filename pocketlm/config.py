@@ -120,8 +120,14 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A preset with some fields changed. Fields that follow from a changed width or head count
+        (head_dim, n_kv_head, intermediate_size) are derived again unless given too."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        for changed, derived in (("n_head", ("n_kv_head", "head_dim")), ("n_embd", ("head_dim", "intermediate_size"))):
+            if changed in overrides:
+                for field_name in derived:
+                    overrides.setdefault(field_name, None)
         return dataclasses.replace(PRESETS[name], **overrides)
 
     def to_dict(self) -> dict[str, Any]:

@@ -74,8 +74,13 @@ def is_pulled(name: str) -> bool:
 
 
 def resolve(model: str | os.PathLike) -> Path:
-    """A path as given, or the local file of a pulled registry name."""
+    """A path as given, the newest complete checkpoint of a training run folder, or the local
+    file of a pulled registry name."""
     path = Path(model).expanduser()
+    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoints").is_dir():
+        from pocketlm.train import newest_checkpoint
+
+        return newest_checkpoint(path / "checkpoints") or path
     if path.exists() or str(model) not in MODELS:
         return path
     if not is_pulled(str(model)):

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pocketlm import registry
 from pocketlm.config import TrainConfig, resolve_device
 from pocketlm.errors import ConfigError, PocketLMError
 from pocketlm.files import atomic_path, atomic_write_json, fsync_dir, read_json
@@ -163,7 +164,7 @@ class Trainer:
         from pocketlm.config import PRESETS, ModelConfig
 
         c = self.config
-        source = resume_from or (None if c.model in PRESETS else Path(c.model))
+        source = resume_from or (None if c.model in PRESETS else registry.resolve(c.model))
         if source is None:
             preset = ModelConfig.preset(c.model)
             eos = self.tokenizer.eos_token_id

@@ -86,6 +86,8 @@ def test_loss_falls_to_near_zero_on_repetitive_text(corpus, tmp_path):
     assert float(rows[1]["train_loss"]) > 2.0  # starts near a uniform guess over the characters
     assert last["train_loss"] < 0.25 and last["val_loss"] < 0.25, last
     assert float(rows[150]["val_loss"]) < float(rows[50]["val_loss"])
+    png = (tmp_path / "run" / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000  # the curve, drawn at each evaluation
     # the final checkpoint is a Hugging Face folder transformers loads and agrees with
     final = complete_checkpoints(tmp_path / "run" / "checkpoints")[-1]
     assert final.name == "step-0000150"
