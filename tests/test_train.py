@@ -106,14 +106,20 @@ def test_optimizer_decays_matrices_only(corpus, tmp_path):
     assert len(decayed["params"]) + len(plain["params"]) == len(list(trainer.model.parameters()))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory) -> Path:
+    """The run the crashed-and-resumed ones must reproduce, in a process of its own like them."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    done = _cli(["train", *_flags(_config(corpus, run))])
+    assert done.returncode == 0, done.stderr
+    return run
+
+
 @pytest.mark.parametrize("point", ["after-weights", "after-state", "before-rename", "after-rename"])
-def test_a_crash_inside_a_save_loses_only_unsaved_steps_and_resume_is_exact(corpus, tmp_path, point):
+def test_a_crash_inside_a_save_loses_only_unsaved_steps_and_resume_is_exact(corpus, uninterrupted, tmp_path, point):
     """Killed (like kill -9) at a point inside the save of step 8; the newest complete checkpoint
     is step 4 (step 8 when the rename had happened); resuming reproduces the uninterrupted
     run's losses bit for bit."""
-    reference = _config(corpus, tmp_path / "reference")
-    done = _cli(["train", *_flags(reference)])
-    assert done.returncode == 0, done.stderr
 
     crashed = _config(corpus, tmp_path / "crashed")
     done = _cli(["train", *_flags(crashed)], env={train_module.FAULT_ENV: f"{point}:8"})
@@ -126,7 +132,7 @@ def test_a_crash_inside_a_save_loses_only_unsaved_steps_and_resume_is_exact(corp
     done = _cli(["train", *_flags(resumed)])
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stderr
-    ref, got = _metrics(tmp_path / "reference"), _metrics(tmp_path / "crashed")
+    ref, got = _metrics(uninterrupted), _metrics(tmp_path / "crashed")
     assert sorted(got) == list(range(1, 13))
     assert [got[s]["train_loss"] for s in range(1, 13)] == [ref[s]["train_loss"] for s in range(1, 13)]
     assert got[12]["val_loss"] == ref[12]["val_loss"]
