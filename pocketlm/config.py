@@ -303,6 +303,9 @@ class TrainConfig:
     precision: str = _help("auto (bf16 autocast on a GPU that has it, else fp32), fp32 or bf16",
                            default="auto")
     compile: bool = _help("torch.compile the model for training", default=False)
+    fsdp: bool = _help("under torchrun, shard weights, gradients and optimizer state across the processes "
+                       "(FSDP) instead of keeping a replica in each (DDP): for models that do not fit one "
+                       "device", default=False)
     seed: int = _help("seed of the weights, the batches and the samples", default=1337)
     threads: int = _help("torch CPU threads (0: torch's default)", default=0)
     resume: bool = _help("continue from the newest complete checkpoint in --out", default=False)

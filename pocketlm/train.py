@@ -141,12 +141,16 @@ class Trainer:
                               f"{self.train_shard.vocab_size:,}; prepare the data with the model's tokenizer")
         self.batches = Batches(self.train_shard, config.batch_size, config.block_size, vocab, config.seed,
                                self.dist.rank, self.dist.world_size)
-        self.val = eval_windows(val_shard, config.eval_windows, config.block_size, vocab)[self.dist.rank::self.dist.world_size]
+        self.val = eval_windows(val_shard, config.eval_windows, config.block_size, vocab)
+        if not config.fsdp:  # under FSDP every rank runs every forward: the shards gather together
+            self.val = self.val[self.dist.rank::self.dist.world_size]
         self.model.to(self.device)
+        if config.fsdp:
+            self._shard()
         self.optimizer = self._build_optimizer()
         self.step = 0
         self.forward = self.model
-        if self.dist.world_size > 1:
+        if self.dist.world_size > 1 and not config.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             self.forward = DistributedDataParallel(
@@ -196,6 +200,18 @@ class Trainer:
                               "learned positions")
         return model.train()
 
+    def _shard(self) -> None:
+        """FSDP: each block's parameters (and the rest, at the root) split across the ranks,
+        gathered for each forward and backward, gradients reduce-scattered."""
+        if self.dist.world_size == 1:
+            raise ConfigError("--fsdp shards the model across processes: run it under torchrun "
+                              "--nproc-per-node=N with N ≥ 2")
+        from torch.distributed.fsdp import fully_shard
+
+        for block in self.model.model.layers:
+            fully_shard(block)
+        fully_shard(self.model)
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -243,8 +259,9 @@ class Trainer:
                     window_start, window_tokens = time.monotonic(), 0
                 if evaluate or stop:
                     last["val_loss"] = row["val_loss"] = self.evaluate()
+                    sample = self.sample() if c.sample_tokens and (main or c.fsdp) else None
                     if main:
-                        self._report(row, bar)
+                        self._report(row, bar, sample)
                 if row is not None and main:
                     self._append_metrics(row)  # before the checkpoint: a resume trims rows past it
                 if evaluate or stop:
@@ -276,7 +293,8 @@ class Trainer:
         if not math.isfinite(loss_value):
             self._diverged(f"the training loss became {loss_value}")
         if c.grad_clip > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
             if not math.isfinite(norm):
                 self._diverged(f"the gradient norm became {norm}")
         self.optimizer.step()
@@ -332,12 +350,12 @@ class Trainer:
 
     # --- reporting ---
 
-    def _report(self, row: dict, bar) -> None:
+    def _report(self, row: dict, bar, sample: str | None) -> None:
         write = bar.write if bar is not None else print
         write(f"step {row['step']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
               f"lr {row['lr']:.2e}, {row['tokens_per_s']:,.0f} tokens/s")
-        if self.config.sample_tokens:
-            write("  sample: " + self.sample().replace("\n", "\n          ")[:1000])
+        if sample is not None:
+            write("  sample: " + sample.replace("\n", "\n          ")[:1000])
 
     def _append_metrics(self, row: dict) -> None:
         path = self.out / "metrics.csv"
@@ -366,6 +384,20 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write checkpoints/step-N (rank 0), atomically; keep the newest keep_last."""
+        model, optimizer_state = self.model, None
+        if self.config.fsdp:  # every rank takes part in gathering the full weights and moments
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights = get_model_state_dict(self.model, options=options)
+            moments = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+            if self.dist.main:  # with cpu_offload only rank 0 holds the full dicts
+                optimizer_state = self._by_index(moments)
+                from pocketlm.api import CausalLM
+                from pocketlm.checkpoint import model_from_tensors
+
+                model = model_from_tensors(CausalLM, self.model.config, weights, where="the gathered FSDP weights")
         if not self.dist.main:
             self.dist.barrier()
             return None
@@ -375,9 +407,9 @@ class Trainer:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".{target.name}."))
         try:
-            self.model.save_pretrained(staging, tokenizer=self.tokenizer)
+            model.save_pretrained(staging, tokenizer=self.tokenizer)
             _fault("after-weights", self.step)
-            tensors, meta = self._state()
+            tensors, meta = self._state(optimizer_state or self.optimizer.state_dict())
             save_file(tensors, staging / STATE_TENSORS)
             _fault("after-state", self.step)
             atomic_write_json(staging / STATE_JSON, meta)  # last: its presence marks a complete checkpoint
@@ -398,9 +430,9 @@ class Trainer:
         self.dist.barrier()
         return target
 
-    def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The optimizer, RNGs and data position as tensors, the rest as JSON."""
-        opt = self.optimizer.state_dict()
+    def _state(self, opt: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The optimizer state (keyed by parameter index), RNGs and data position as tensors, the
+        rest as JSON."""
         tensors: dict[str, torch.Tensor] = {}
         scalars: dict[str, dict[str, Any]] = {}
         for index, state in opt["state"].items():
@@ -448,7 +480,14 @@ class Trainer:
                 state.setdefault(int(index), {})[key] = t.to(self.device)
         for index, values in meta["optimizer"]["scalars"].items():
             state.setdefault(int(index), {}).update(values)
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        saved = {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
+        if self.config.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, self._by_name(saved),
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(saved)
         torch.set_rng_state(tensors["rng.torch"])
         self.batches.restore(tensors["rng.data"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
@@ -457,7 +496,24 @@ class Trainer:
         if meta.get("world_size", 1) != self.dist.world_size:
             log.warning("the checkpoint was written by %s processes, this run has %d: the batches differ from "
                         "an uninterrupted run", meta.get("world_size"), self.dist.world_size)
-        log.info("resumed from %s (step %d)", folder, self.step)
+        if self.dist.main:
+            log.info("resumed from %s (step %d)", folder, self.step)
+
+    def _parameter_names(self) -> list[str]:
+        """The name of each parameter, in the optimizer's order (its indices)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _by_index(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A full optimizer state keyed by parameter name (as FSDP gives it) → keyed by index."""
+        index = {name: i for i, name in enumerate(self._parameter_names())}
+        return {"state": {index[n]: v for n, v in state["state"].items()},
+                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+    def _by_name(self, state: dict[str, Any]) -> dict[str, Any]:
+        names = self._parameter_names()
+        return {"state": {names[i]: v for i, v in state["state"].items()},
+                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
 
     # --- signals ---
 

@@ -2,6 +2,7 @@
 that reproduces an uninterrupted run, DDP equal to one process."""
 
 import csv
+import dataclasses
 import os
 import signal
 import subprocess
@@ -194,19 +195,54 @@ def test_a_finished_run_is_not_overwritten_and_mismatches_are_refused(corpus, tm
         Trainer(_config(corpus, tmp_path / "run3", min_lr=1.0))
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(corpus, tmp_path_factory) -> Path:
+    """20 steps with a batch of 4 in one process: what the multi-process runs must match."""
+    run = tmp_path_factory.mktemp("one-process") / "run"
+    config = _config(corpus, run, max_steps=20, eval_every=10, sample_tokens=0, threads=1)
+    done = _cli(["train", *_flags(config)])
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "pocketlm", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(corpus, one_process, tmp_path):
     """The same global batch (4 sequences): one process, or two ranks of two under torchrun
     with gloo; the losses after 20 steps agree within 1e-3 relative."""
-    single = _config(corpus, tmp_path / "single", max_steps=20, eval_every=10, sample_tokens=0, threads=1)
-    done = _cli(["train", *_flags(single)])
-    assert done.returncode == 0, done.stderr
     ddp = _config(corpus, tmp_path / "ddp", max_steps=20, eval_every=10, sample_tokens=0, threads=1, batch_size=2)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "pocketlm", "train", *_flags(ddp)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = _torchrun(["train", *_flags(ddp)])
     assert done.returncode == 0, done.stderr[-3000:]
-    one, two = _metrics(tmp_path / "single"), _metrics(tmp_path / "ddp")
+    one, two = _metrics(one_process), _metrics(tmp_path / "ddp")
     for key in ("train_loss", "val_loss"):
         a, b = float(one[20][key]), float(two[20][key])
         assert abs(a - b) <= 1e-3 * abs(a), (key, a, b)
     assert len(complete_checkpoints(tmp_path / "ddp" / "checkpoints")) == 2  # rank 0 alone wrote them
+
+
+def test_fsdp_shards_across_two_processes_saves_whole_checkpoints_and_resumes(corpus, one_process, tmp_path):
+    """--fsdp under torchrun: each rank holds half of every weight and moment; the losses follow
+    one process's (within 1%: gradients are reduce-scattered, summed in another order), the
+    checkpoint is the whole model, and --resume continues from it."""
+    fsdp = _config(corpus, tmp_path / "fsdp", max_steps=20, eval_every=10, sample_tokens=4, threads=1,
+                   batch_size=2, fsdp=True)
+    done = _torchrun(["train", *_flags(fsdp)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _metrics(one_process), _metrics(tmp_path / "fsdp")
+    assert abs(float(one[10]["train_loss"]) - float(two[10]["train_loss"])) <= 1e-3 * float(one[10]["train_loss"])
+    for key in ("train_loss", "val_loss"):
+        a, b = float(one[20][key]), float(two[20][key])
+        assert abs(a - b) <= 1e-2 * abs(a), (key, a, b)
+    saved = complete_checkpoints(tmp_path / "fsdp" / "checkpoints")
+    whole = CausalLM.from_pretrained(saved[-1])
+    reference = CausalLM.from_pretrained(complete_checkpoints(one_process / "checkpoints")[-1])
+    assert whole.num_parameters() == reference.num_parameters()
+    done = _torchrun(["train", *_flags(dataclasses.replace(fsdp, max_steps=24, resume=True))])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr and max(_metrics(tmp_path / "fsdp")) == 24
+    with pytest.raises(ConfigError, match="torchrun"):
+        Trainer(dataclasses.replace(fsdp, out=str(tmp_path / "alone")))
