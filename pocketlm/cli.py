@@ -13,6 +13,7 @@ import math
 import sys
 
 from pocketlm import __version__
+from pocketlm.config import resolve_device
 from pocketlm.errors import ConfigError, ContextLengthError, PocketLMError
 from pocketlm.registry import DEFAULT_CHAT_MODEL
 
@@ -93,14 +94,8 @@ def load_for_generation(args):
     from pocketlm.api import load_model_and_tokenizer
     from pocketlm.generate import Generator
 
-    model, tokenizer = load_model_and_tokenizer(args.model, device=_device(args.device), dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device), dtype=args.dtype)
     return Generator(model, tokenizer), tokenizer
-
-
-def _device(name: str | None):
-    from pocketlm.config import resolve_device
-
-    return resolve_device(name)
 
 
 def sampling_overrides(args) -> dict:
@@ -460,7 +455,7 @@ def cmd_eval(args) -> int:
     from pocketlm.api import load_model_and_tokenizer
     from pocketlm.evaluate import perplexity, tokens_to_score
 
-    model, tokenizer = load_model_and_tokenizer(args.model, device=_device(args.device), dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device), dtype=args.dtype)
     ids = tokens_to_score(args.data, tokenizer, args.max_tokens)
     result = perplexity(model, ids, max_length=args.max_length, stride=args.stride, progress=sys.stderr.isatty())
     print(f"loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f} "
