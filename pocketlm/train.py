@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from pocketlm import registry
 from pocketlm.config import TrainConfig, resolve_device
-from pocketlm.errors import ConfigError, PocketLMError
+from pocketlm.errors import ConfigError, NotFoundError, PocketLMError
 from pocketlm.files import atomic_path, atomic_write_json, fsync_dir, read_json
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,8 @@ class Trainer:
         self.out = Path(config.out)
         self.checkpoints = self.out / CHECKPOINTS
 
-        self.tokenizer = Tokenizer.from_pretrained(config.data)
         self.train_shard, val_shard = TokenShard(config.data, "train"), TokenShard(config.data, "val")
+        self.tokenizer = Tokenizer.from_pretrained(config.data)
         for shard in (self.train_shard, val_shard):
             shard.check_tokenizer(self.tokenizer)
 
@@ -169,6 +169,9 @@ class Trainer:
 
         c = self.config
         source = resume_from or (None if c.model in PRESETS else registry.resolve(c.model))
+        if source is not None and not source.exists() and c.model not in registry.MODELS:
+            raise NotFoundError(f"--model {c.model!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+                                "checkpoint folder, run folder or GGUF file")
         if source is None:
             preset = ModelConfig.preset(c.model)
             eos = self.tokenizer.eos_token_id

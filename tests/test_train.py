@@ -19,7 +19,7 @@ from pocketlm import train as train_module
 from pocketlm.api import CausalLM
 from pocketlm.config import ModelConfig, TrainConfig
 from pocketlm.data import DataError, char_tokenizer, prepare
-from pocketlm.errors import ConfigError
+from pocketlm.errors import ConfigError, NotFoundError
 from pocketlm.train import Trainer, TrainingError, complete_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,6 +193,10 @@ def test_a_finished_run_is_not_overwritten_and_mismatches_are_refused(corpus, tm
         Trainer(_config(corpus, tmp_path / "run2", model=str(other)))
     with pytest.raises(ConfigError, match="min_lr"):
         Trainer(_config(corpus, tmp_path / "run3", min_lr=1.0))
+    with pytest.raises(NotFoundError, match="neither a preset"):
+        Trainer(_config(corpus, tmp_path / "run4", model="no-such-model"))
+    with pytest.raises(NotFoundError, match="data folder not found"):
+        Trainer(_config(corpus, tmp_path / "run5", data=str(tmp_path / "no-data")))
 
 
 @pytest.fixture(scope="module")
