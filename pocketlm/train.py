@@ -620,8 +620,3 @@ def _progress(start: int, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-
-
-def train(config: TrainConfig) -> dict[str, float]:
-    """Build a Trainer for `config` and run it."""
-    return Trainer(config).fit()
