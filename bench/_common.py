@@ -77,3 +77,11 @@ def replace_section(path: str | Path, heading: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section
     path.write_text(text, encoding="utf-8")
+
+
+def publish(text: str, heading: str, markdown: str | None) -> None:
+    """Print a benchmark's section, and put it in place of its old one in `markdown` when given."""
+    print(text)
+    if markdown:
+        replace_section(markdown, heading, text)
+        print(f"wrote section {heading!r} of {markdown}", file=sys.stderr)

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import command_line, machine_description, replace_section
+from _common import command_line, machine_description, publish
 
 PRESET = "smollm2-135m"
 SHORT_PROMPT = 8
@@ -267,10 +267,7 @@ def main():
         print(f"\n!!! {check.strip('*')}\n    pocketlm:     {results['pocketlm']['greedy']}\n"
               f"    transformers: {results['transformers']['greedy']}\n", file=sys.stderr)
     text = report(results, args, gpu, check)
-    print(text)
-    if args.write:
-        replace_section(args.write, HEADING, text)
-        print(f"\nwrote section {HEADING!r} of {args.write}", file=sys.stderr)
+    publish(text, HEADING, args.write)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from _common import command_line, machine_description, replace_section  # noqa: E402
+from _common import command_line, machine_description, publish  # noqa: E402
 
 HEADING = "## Real GGUF model: pocketlm, transformers, llama.cpp (bench/real_model.py)"
 FRAMEWORKS = ("pocketlm", "transformers", "llama.cpp")
@@ -218,9 +218,7 @@ def main():
         check = (f"pocketlm's and transformers' first {CHECK_TOKENS} greedy tokens are "
                  f"{'identical' if same else '**DIFFERENT: the comparison is not fair**'}")
     text = report(results, args, model, args.prompt_len, check)
-    print(text)
-    if args.write:
-        replace_section(args.write, HEADING, text)
+    publish(text, HEADING, args.write)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import command_line, machine_description, replace_section
+from _common import command_line, machine_description, publish
 
 HEADING = "## Pretraining (bench/train.py)"
 SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block=64, batch=12, lr=1e-3)
@@ -162,10 +162,7 @@ def main() -> None:
         "",
         table,
     ])
-    print(text)
-    if args.write:
-        replace_section(args.write, HEADING, text)
-        print(f"wrote section {HEADING!r} of {args.write}", file=sys.stderr)
+    publish(text, HEADING, args.write)
 
 
 if __name__ == "__main__":
