@@ -197,7 +197,7 @@ def main():
     from pocketlm import registry
     from pocketlm.api import AutoTokenizer
 
-    model = registry.resolve(args.model)
+    model = registry.resolve(args.model).path
     ids = AutoTokenizer.from_pretrained(model).encode(TEXT)
     if len(ids) < args.prompt_len:
         raise SystemExit(f"the prompt text gives only {len(ids)} tokens")

@@ -12,17 +12,21 @@ models come from `from_config` with a `ModelConfig` or a preset name.
 
 from __future__ import annotations
 
+import inspect
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pocketlm import checkpoint, registry
-from pocketlm.config import ModelConfig
+from pocketlm.config import ModelConfig, resolve_device
 from pocketlm.errors import ConfigError, NotFoundError
-from pocketlm.generate import Generator
-from pocketlm.model import Transformer
+from pocketlm.generate import GenerateOutput, GenerationConfig, Generator, transition_scores
+from pocketlm.model import Transformer, check_attn_implementation
 from pocketlm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class CausalLM(Transformer):
@@ -30,24 +34,57 @@ class CausalLM(Transformer):
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
-        self.generation_config: dict[str, Any] = {}
+        self.generation_config = GenerationConfig()
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The defaults `generate` starts from (generation_config.json), with transformers'
+        attribute names: `model.generation_config.pad_token_id = tok.eos_token_id`."""
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, value) -> None:
+        # a dict (as read from generation_config.json) or transformers' GenerationConfig becomes ours
+        self._generation_config = GenerationConfig.of(value)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device=None, dtype=None, torch_dtype=None,
-                        allow_pickle: bool = False) -> "CausalLM":
+                        allow_pickle: bool = False, device_map=None, attn_implementation: str | None = None,
+                        revision: str | None = None, trust_remote_code: bool = False,
+                        local_files_only: bool = False, low_cpu_mem_usage: bool | None = None,
+                        cache_dir: str | Path | None = None, **unknown) -> "CausalLM":
         """Load a local checkpoint folder, a GGUF file (dequantized, float32 unless `dtype` says
-        otherwise) or a pulled registry model by name. `torch_dtype` is an alias of `dtype`."""
-        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
-            raise ConfigError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one")
-        path = registry.resolve(path)
-        if is_gguf(path):
+        otherwise) or a pulled registry model by name. `torch_dtype` is an alias of `dtype`;
+        "auto" keeps the stored dtype.
+
+        transformers' loading keywords work as far as they mean something for a local model on
+        one device: `device_map` ("auto", one device, or a map that puts every part on the same
+        device), `attn_implementation` (see model.check_attn_implementation), `revision` (None
+        or "main"). `local_files_only`, `low_cpu_mem_usage` and `cache_dir` change nothing:
+        pocketlm never downloads while loading and always reads one tensor at a time; nor does
+        `trust_remote_code`: pocketlm never runs code from a checkpoint. All of it is checked
+        before a weight is read; an unknown keyword is a ConfigError that lists these."""
+        _refuse_unknown("from_pretrained", unknown, cls.from_pretrained)
+        device = _load_device(device, device_map)
+        dtype = _one_dtype(dtype, torch_dtype)
+        attn_implementation = check_attn_implementation(attn_implementation)
+        if revision not in (None, "main"):
+            raise ConfigError(f"revision={revision!r}: pocketlm loads local folders and files, which have no "
+                              "revisions; put that revision's files in a folder and pass its path")
+        if trust_remote_code:
+            log.warning("trust_remote_code=True changes nothing: pocketlm never runs code from a checkpoint, "
+                        "it loads the gpt2, llama and pocketlm architectures with its own")
+        ref = registry.resolve(path)
+        if ref.kind == "gguf":
             from pocketlm.gguf import GGUFFile
 
-            with GGUFFile(path) as f:
-                return cls._from_gguf(f, device=device, dtype=dtype or torch_dtype)
-        model = checkpoint.load_pretrained(path, device=device, dtype=dtype or torch_dtype,
-                                           allow_pickle=allow_pickle, cls=cls)
-        model.generation_config = checkpoint.read_generation_config(path)
+            with GGUFFile(ref.path) as f:
+                model = cls._from_gguf(f, device=device, dtype=dtype)
+        else:
+            model = checkpoint.load_pretrained(ref.path, device=device, dtype=dtype,
+                                               allow_pickle=allow_pickle, cls=cls)
+            model.generation_config = checkpoint.read_generation_config(ref.path)
+        model.attn_implementation = attn_implementation
         return model
 
     @classmethod
@@ -60,13 +97,18 @@ class CausalLM(Transformer):
         return model
 
     @classmethod
-    def from_config(cls, config: ModelConfig | str | dict, *, device=None, dtype=None) -> "CausalLM":
+    def from_config(cls, config: ModelConfig | str | dict, *, device=None, dtype=None, torch_dtype=None,
+                    attn_implementation: str | None = None) -> "CausalLM":
         """A randomly initialised model from a ModelConfig, a preset name or an HF config dict."""
+        device = _load_device(device, None)
+        dtype = _one_dtype(dtype, torch_dtype)
+        attn_implementation = check_attn_implementation(attn_implementation)
         if isinstance(config, str):
             config = ModelConfig.preset(config)
         elif isinstance(config, dict):
             config = ModelConfig.from_hf_config(config)
         model = cls(config)
+        model.attn_implementation = attn_implementation
         if dtype is not None:
             model = model.to(checkpoint._resolve_dtype(dtype, torch.float32))
         model.generation_config = {k: v for k in ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -74,46 +116,125 @@ class CausalLM(Transformer):
         return model.to(device) if device is not None else model
 
     def save_pretrained(self, folder: str | Path, tokenizer: Tokenizer | None = None,
-                        max_shard_size: int | None = None) -> Path:
+                        max_shard_size: int | str | None = None, *, safe_serialization: bool = True,
+                        push_to_hub: bool = False, **unknown) -> Path:
+        """Write a checkpoint folder (checkpoint.save_pretrained). As in transformers,
+        `max_shard_size` is bytes or a size such as "200KB" or "5GB" (decimal units), and
+        safe_serialization=False still writes safetensors: pocketlm never writes pickle.
+        push_to_hub=True is refused before anything is written: pocketlm does not upload."""
+        _refuse_unknown("save_pretrained", unknown, self.save_pretrained)
+        if push_to_hub:
+            raise ConfigError("push_to_hub=True: pocketlm does not upload to a model hub; save the folder, "
+                              "then upload it with the hub's own tools")
+        if not safe_serialization:
+            log.warning("safe_serialization=False: pocketlm writes safetensors only, never pickle "
+                        "(as transformers 5 does)")
         return checkpoint.save_pretrained(self, folder, tokenizer=tokenizer,
-                                          generation_config=self.generation_config,
+                                          generation_config=self.generation_config.to_dict(),
                                           max_shard_size=max_shard_size)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 streamer=None, **kwargs) -> torch.Tensor:
-        """transformers-style generate: returns the prompt followed by the new tokens.
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 generation_config=None, streamer=None, tokenizer: Tokenizer | None = None,
+                 **kwargs) -> torch.Tensor | GenerateOutput:
+        """transformers-style generate: returns the prompt followed by the new tokens, or a
+        GenerateOutput (sequences, scores, logits, beam scores) with return_dict_in_generate=True.
 
-        Settings come from the call, then the checkpoint's generation_config.json. When
-        `do_sample` is not passed, an explicit temperature/top_k/top_p/min_p or several return
-        sequences mean sampling (see pocketlm.generate). `streamer` receives each step's new
-        tokens: an object with put(tokens)/end() as in transformers, or a callable."""
+        Settings come from the call, then `generation_config` (ours, a dict, or transformers'
+        GenerationConfig), then `model.generation_config`. When `do_sample` is not passed, an
+        explicit temperature/top_k/top_p/min_p or several return sequences without beams mean
+        sampling (see pocketlm.generate). `streamer` receives each step's new tokens: an object
+        with put(tokens)/end() as in transformers, or a callable. `tokenizer` is needed for
+        `stop_strings`. `use_cache` is accepted and changes nothing: pocketlm always decodes
+        from its KV cache."""
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        if input_ids is None:
+            raise ConfigError("generate needs input_ids: the prompt's token ids, e.g. tokenizer(text, "
+                              "return_tensors='pt').input_ids")
+        kwargs.pop("use_cache", None)
+        if generation_config is not None:
+            kwargs = {**GenerationConfig.of(generation_config).explicit(), **kwargs}
         on_tokens = None
         if streamer is not None:
             on_tokens = streamer.put if hasattr(streamer, "put") else streamer
-        out = Generator(self).generate_ids(input_ids, attention_mask, on_tokens=on_tokens, **kwargs)
+        out = Generator(self, tokenizer).generate_ids(input_ids, attention_mask, on_tokens=on_tokens, **kwargs)
         if hasattr(streamer, "end"):
             streamer.end()
         return out
 
-
-def is_gguf(path: str | Path) -> bool:
-    """A file that starts with GGUF's magic (its name need not end in .gguf)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+    def compute_transition_scores(self, sequences: torch.Tensor, scores, beam_indices: torch.Tensor | None = None,
+                                  normalize_logits: bool = False) -> torch.Tensor:
+        """Each generated token's score from generate(..., return_dict_in_generate=True,
+        output_scores=True): (rows, new tokens), as in transformers (pocketlm.generate.transition_scores)."""
+        return transition_scores(sequences, scores, beam_indices, normalize_logits)
 
 
-def load_model_and_tokenizer(path: str | Path, *, device=None, dtype=None) -> tuple[CausalLM, Tokenizer]:
-    """Both halves of a local checkpoint folder, GGUF file (parsed once) or pulled registry name."""
-    path = registry.resolve(path)
-    if is_gguf(path):
+# accelerate's strategies for spreading a model over devices; with one device they all mean "auto"
+_AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _load_device(device, device_map) -> torch.device | None:
+    """The one device a model goes to, from `device` and/or transformers' `device_map`; None
+    (neither given) leaves it on the CPU. A map must put every part on the same device."""
+    if device_map is None:
+        return None if device is None else _device(device, "device")
+    if isinstance(device_map, dict):
+        targets = {str(_device_name(v)) for v in device_map.values()}
+        if len(targets) != 1:
+            raise ConfigError(f"device_map={device_map!r} spreads the model over {sorted(targets)}; pocketlm "
+                              "keeps a model on one device: pass device_map='auto' or a single device")
+        device_map = next(iter(device_map.values()))
+    mapped = _device("auto" if device_map in _AUTO_DEVICE_MAPS else device_map, "device_map")
+    if device is not None and _device(device, "device") != mapped:
+        raise ConfigError(f"device={device!r} and device_map={device_map!r} name different devices; pass one")
+    return mapped
+
+
+def _device_name(value):
+    # transformers reads a bare integer in a device map as the accelerator of that index
+    return f"cuda:{value}" if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _device(value, keyword: str) -> torch.device:
+    """resolve_device(value), with its errors worded for a Python caller (it words them for the CLI)."""
+    name = str(_device_name(value))
+    try:
+        return resolve_device(name)
+    except ConfigError:
+        if name.startswith("cuda"):
+            raise ConfigError(f"{keyword}={value!r}: this machine has no CUDA GPU that torch can use; pass "
+                              f"{keyword}='cpu', or 'auto' to take a GPU only when there is one") from None
+        raise ConfigError(f"{keyword}={value!r} is not a device; use 'cpu', 'cuda', 'cuda:1', 'mps' "
+                          "or 'auto'") from None
+
+
+def _one_dtype(dtype, torch_dtype):
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ConfigError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one")
+    return dtype if dtype is not None else torch_dtype
+
+
+def _refuse_unknown(method: str, unknown: dict[str, Any], bound) -> None:
+    """A keyword pocketlm does not know is an error that names the ones it does, rather than a
+    TypeError, or being ignored silently."""
+    if unknown:
+        params = list(inspect.signature(bound).parameters.values())[1:]  # after the path
+        known = [p.name for p in params if p.kind is not p.VAR_KEYWORD]
+        raise ConfigError(f"{method}() does not know the keyword(s) {', '.join(sorted(unknown))}; "
+                          f"it takes {', '.join(known)}")
+
+
+def load_model_and_tokenizer(model: str | Path | registry.ModelRef, *, device=None,
+                             dtype=None) -> tuple[CausalLM, Tokenizer]:
+    """Both halves of a local checkpoint folder, run folder, GGUF file (parsed once) or pulled
+    registry name; the reference is resolved once for both."""
+    ref = registry.resolve(model)
+    if ref.kind == "gguf":
         from pocketlm.gguf import GGUFFile
 
-        with GGUFFile(path) as f:
+        with GGUFFile(ref.path) as f:
             return gguf_model_and_tokenizer(f, device=device, dtype=dtype)
-    return CausalLM.from_pretrained(path, device=device, dtype=dtype), AutoTokenizer.from_pretrained(path)
+    return CausalLM.from_pretrained(ref, device=device, dtype=dtype), AutoTokenizer.from_pretrained(ref)
 
 
 def gguf_model_and_tokenizer(f, *, device=None, dtype=None) -> tuple[CausalLM, Tokenizer]:
@@ -140,16 +261,51 @@ class AutoTokenizer:
         raise TypeError("use AutoTokenizer.from_pretrained(path)")
 
     @staticmethod
-    def from_pretrained(path: str | Path) -> Tokenizer:
-        path = registry.resolve(path)
-        if not path.exists():
-            raise NotFoundError(checkpoint.not_local_message(path))
-        if is_gguf(path):
+    def from_pretrained(path: str | Path | registry.ModelRef, *, padding_side: str | None = None,
+                        model_max_length: int | None = None, chat_template: str | None = None,
+                        clean_up_tokenization_spaces: bool | None = None, model_input_names: list[str] | None = None,
+                        bos_token: str | None = None, eos_token: str | None = None, unk_token: str | None = None,
+                        pad_token: str | None = None, sep_token: str | None = None, cls_token: str | None = None,
+                        mask_token: str | None = None, additional_special_tokens: list[str] | None = None,
+                        subfolder: str | None = None, revision: str | None = None, use_fast: bool = True,
+                        local_files_only: bool = False, trust_remote_code: bool = False,
+                        cache_dir: str | Path | None = None, force_download: bool = False, token: Any = None,
+                        **unknown) -> Tokenizer:
+        """The tokenizer of a local checkpoint folder (or `subfolder` of it), tokenizer.json, GGUF
+        file or pulled registry name.
+
+        transformers' keywords work as far as they mean something locally. The settings
+        (padding_side, model_max_length, chat_template, clean_up_tokenization_spaces,
+        model_input_names) replace the saved ones; special tokens (`pad_token="<pad>"`, ...) are
+        named, and added to the vocabulary when new, as transformers does. `revision` must be None
+        or "main". use_fast, local_files_only, trust_remote_code, cache_dir, force_download and
+        token change nothing: the tokenizer is always the fast (Rust) one, read from local files,
+        and no code from a checkpoint runs. An unknown keyword is a ConfigError that lists these."""
+        _refuse_unknown("AutoTokenizer.from_pretrained", unknown, AutoTokenizer.from_pretrained)
+        if revision not in (None, "main"):
+            raise ConfigError(f"revision={revision!r}: pocketlm loads local folders and files, which have no "
+                              "revisions; put that revision's files in a folder and pass its path")
+        ref = registry.resolve(path)
+        if subfolder:
+            ref = registry.resolve(Path(ref.path) / subfolder)
+        if ref.kind == "gguf":
             from pocketlm.gguf import GGUFFile, tokenizer_from_gguf
 
-            with GGUFFile(path) as f:
-                return tokenizer_from_gguf(f)
-        return Tokenizer.from_pretrained(path)
+            with GGUFFile(ref.path) as f:
+                tokenizer = tokenizer_from_gguf(f)
+        else:
+            tokenizer = Tokenizer.from_pretrained(ref.path)
+        named = dict(bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, pad_token=pad_token,
+                     sep_token=sep_token, cls_token=cls_token, mask_token=mask_token,
+                     additional_special_tokens=additional_special_tokens)
+        tokenizer.add_special_tokens({key: value for key, value in named.items() if value is not None})
+        settings = dict(padding_side=padding_side, model_max_length=model_max_length, chat_template=chat_template,
+                        clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+                        model_input_names=model_input_names)
+        for name, value in settings.items():
+            if value is not None:
+                setattr(tokenizer, name, value)  # the setters check each value
+        return tokenizer
 
 
 # the names from the classic snippets: same loaders, the checkpoint's config decides the family

@@ -62,6 +62,10 @@ MAX_TEMPLATE_STEPS = 1_000_000  # range() items per render
 MAX_RESULT_BITS = 4096
 _RENDER_BUDGET: contextvars.ContextVar[list[int]] = contextvars.ContextVar("render_budget", default=[0])
 
+# Appended to the final message for continue_final_message, to find where the template wrote its
+# end (the space tells whether the template strips the message's trailing whitespace).
+CONTINUE_MARK = "POCKETLM_CONTINUE_FINAL_MESSAGE "
+
 # Reply budget when neither the caller nor the checkpoint sets max_new_tokens; at most half the
 # window, so a small model still has room for some history.
 DEFAULT_REPLY_TOKENS = 256
@@ -70,16 +74,23 @@ DEFAULT_REPLY_TOKENS = 256
 # --- rendering -------------------------------------------------------------------------------------
 
 def render_chat(template: str, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
-                bos_token: str | None = None, eos_token: str | None = None, **extra: Any) -> str:
+                continue_final_message: bool = False, bos_token: str | None = None,
+                eos_token: str | None = None, **extra: Any) -> str:
     """Render `messages` with a chat template, as transformers' `apply_chat_template(...,
     tokenize=False)` does. Unlike transformers, add_generation_prompt defaults to True: here the
-    rendered text is almost always a prompt for the model's next answer.
+    rendered text is almost always a prompt for the model's next answer. continue_final_message
+    ends the text inside the last message, for the model to go on writing it (a prefilled answer).
 
     `extra` holds further template variables (e.g. `tools`, `unk_token`, `enable_thinking`).
     Special tokens that are None are left undefined, as transformers leaves them out."""
     if not isinstance(template, str) or not template:
         raise TokenizerError("the chat template must be a non-empty string")
     plain = _plain_messages(messages)
+    if continue_final_message:
+        if add_generation_prompt:
+            raise ConfigError("continue_final_message and add_generation_prompt exclude each other: one continues "
+                              "the last message, the other starts a new assistant message; pass one")
+        plain[-1]["content"] += CONTINUE_MARK
     variables = {"tools": None, "documents": None}  # transformers always defines these
     variables.update({k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v is not None})
     variables.update(_plain_json(extra, "template variables"))
@@ -95,7 +106,7 @@ def render_chat(template: str, messages: Sequence[dict[str, Any]], *, add_genera
             if size > MAX_RENDERED_CHARS:
                 raise SecurityError(f"its output passed {MAX_RENDERED_CHARS:,} characters")
             parts.append(part)
-        return "".join(parts)
+        text = "".join(parts)
     except SecurityError as e:
         raise TokenizerError(f"the chat template tried something its sandbox forbids: {e}") from None
     except TemplateError as e:  # raise_exception(...) lands here too, with the template's own words
@@ -108,6 +119,18 @@ def render_chat(template: str, messages: Sequence[dict[str, Any]], *, add_genera
         raise TokenizerError(f"the chat template failed: {type(e).__name__}: {e}") from None
     finally:
         _RENDER_BUDGET.reset(budget)
+    return _cut_at_mark(text, messages[-1]["content"]) if continue_final_message else text
+
+
+def _cut_at_mark(text: str, final: str) -> str:
+    """The rendered text up to where the final message ends (marked by CONTINUE_MARK)."""
+    at = text.rfind(CONTINUE_MARK.strip())
+    if at < 0 or final.strip() not in text:
+        raise TokenizerError("continue_final_message: the chat template does not write the final message as "
+                             "given, so there is no place to continue it")
+    if text.startswith(CONTINUE_MARK, at):
+        return text[:at]
+    return text[:at].rstrip()  # the template stripped the message, and its own trailing space with it
 
 
 class _GenerationTag(jinja2.ext.Extension):

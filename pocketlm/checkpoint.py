@@ -22,7 +22,7 @@ import torch
 
 from pocketlm.config import ModelConfig
 from pocketlm.errors import ConfigError, FormatError, NotFoundError, UnsafeFormatError, TokenizerError
-from pocketlm.files import atomic_path, atomic_write_json, read_json
+from pocketlm.files import atomic_path, atomic_write_json, read_json, staged_folder
 from pocketlm.model import Transformer
 from pocketlm.packing import standalone, wants_transposed_storage
 
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
+CHECKPOINTS = "checkpoints"  # a training run folder keeps its checkpoints here, one folder per step
+STATE_JSON = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -63,16 +65,48 @@ _LLAMA_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_fr
 
 def save_pretrained(model: Transformer, folder: str | Path, tokenizer=None,
                     generation_config: dict[str, Any] | None = None,
-                    max_shard_size: int | None = None) -> Path:
+                    max_shard_size: int | str | None = None) -> Path:
     """Write `model` (and optionally its tokenizer) as a Hugging Face checkpoint folder.
 
     Each file is written atomically and config.json last, so an interrupted save never leaves a
-    folder that looks complete but is not. `max_shard_size` (bytes) splits the weights.
+    folder that looks complete but is not. A new folder is filled under a temporary name and
+    renamed into place, so a failed save leaves no folder behind. `max_shard_size` (bytes, or
+    a size such as "200KB", see parse_size) splits the weights.
     """
+    folder = Path(folder)
+    max_bytes = parse_size(max_shard_size)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file; save_pretrained writes a folder, so pass a folder path")
+    if folder.exists():
+        _write_checkpoint(model, folder, tokenizer, generation_config, max_bytes)
+    else:
+        with staged_folder(folder) as staging:
+            _write_checkpoint(model, staging, tokenizer, generation_config, max_bytes)
+    return folder
+
+
+# the units of a size string, as transformers reads them (decimal), and their binary cousins
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B)\s*"  # a number, then a unit
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """Bytes from a max_shard_size: an int, or a number and a unit, "200KB", "0.5GB" (decimal:
+    1KB = 1000 bytes, as transformers reads them) or "10MiB" (binary); None stays None."""
+    if size is None or (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        return size
+    m = re.fullmatch(_SIZE, size, re.IGNORECASE) if isinstance(size, str) else None
+    if m is None or float(m[1]) * _SIZE_UNITS[m[2].upper()] < 1:
+        raise ConfigError(f"max_shard_size={size!r} is not a size; pass bytes (a positive int) or a string "
+                          "such as '200KB', '10MB' or '5GB' (decimal units) or '512MiB' (binary)")
+    return int(float(m[1]) * _SIZE_UNITS[m[2].upper()])
+
+
+def _write_checkpoint(model: Transformer, folder: Path, tokenizer, generation_config: dict[str, Any] | None,
+                      max_shard_size: int | None) -> None:
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(model)
     shards = _split_shards(tensors, max_shard_size)
     previous = {*folder.glob("model-*-of-*.safetensors"), folder / WEIGHTS_INDEX, folder / WEIGHTS}
@@ -99,7 +133,6 @@ def save_pretrained(model: Transformer, folder: str | Path, tokenizer=None,
     hf = model.config.to_hf_config()
     hf["dtype"] = str(model.dtype).removeprefix("torch.")
     atomic_write_json(folder / "config.json", hf)
-    return folder
 
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
@@ -138,6 +171,31 @@ def _split_shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> li
         shards[-1][name] = t
         size += nbytes
     return shards
+
+
+# --- training run folders --------------------------------------------------------------------------
+# A run folder (pocketlm train --out) holds checkpoints/step-NNNNNNN/, each a checkpoint folder
+# plus the training state; a folder counts once its trainer_state.json, written last, is there.
+
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints in `folder` (a run's checkpoints/ folder), oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / STATE_JSON).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    done = complete_checkpoints(folder)
+    return done[-1] if done else None
+
+
+def is_run_folder(path: Path) -> bool:
+    """A training run folder (not itself a checkpoint folder) with a checkpoints/ folder inside."""
+    return path.is_dir() and not (path / "config.json").exists() and (path / CHECKPOINTS).is_dir()
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -207,6 +265,7 @@ def model_from_tensors(cls: type[Transformer], config: ModelConfig, tensors: dic
     tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
+    config.dtype = model.dtype  # transformers' config.dtype: what the weights were loaded in
     return model.eval()
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+import re
 import sys
 
 from pocketlm import __version__
@@ -22,21 +24,21 @@ def cmd_info(args) -> int:
     from collections import Counter
 
     from pocketlm import checkpoint, registry
-    from pocketlm.api import gguf_model_and_tokenizer, is_gguf
+    from pocketlm.api import gguf_model_and_tokenizer
     from pocketlm.tokenizer import Tokenizer
 
-    args.path = registry.resolve(args.path)
+    ref = registry.resolve(args.path)
     stored = None
-    if is_gguf(args.path):
+    if ref.kind == "gguf":
         from pocketlm.gguf import GGUFFile
 
-        with GGUFFile(args.path) as f:
+        with GGUFFile(ref.path) as f:
             stored = ", ".join(f"{n} × {kind}" for kind, n in
                                Counter(t.type.name for t in f.tensors.values()).most_common())
             model, tokenizer = gguf_model_and_tokenizer(f)
     else:
-        model = checkpoint.load_pretrained(args.path, dtype="auto")
-        folder = checkpoint.resolve_folder(args.path)
+        model = checkpoint.load_pretrained(ref.path, dtype="auto")
+        folder = checkpoint.resolve_folder(ref.path)
         tokenizer = None
         if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
             tokenizer = Tokenizer.from_pretrained(folder)
@@ -63,26 +65,36 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from pocketlm import registry
-    from pocketlm.api import is_gguf, load_model_and_tokenizer
+    from pathlib import Path
 
+    from pocketlm import registry
+    from pocketlm.api import load_model_and_tokenizer
+    from pocketlm.files import staged_folder
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # checked before the long load
+        raise ConfigError(f"{out} already exists{'' if out.is_dir() else ' as a file'}; convert writes a new "
+                          "folder: pick another OUT, or remove that one first")
     source = registry.resolve(args.source)
-    if not is_gguf(source):
+    if source.kind != "gguf":
         raise ConfigError(f"{args.source} is not a GGUF file; convert reads .gguf files (or registry names)")
     model, tokenizer = load_model_and_tokenizer(source, dtype=args.dtype)
-    model.save_pretrained(args.out, tokenizer=tokenizer)
+    with staged_folder(out) as folder:  # a failed write leaves no folder behind
+        model.save_pretrained(folder, tokenizer=tokenizer)
     print(f"wrote {args.out} ({model.num_parameters():,} parameters, {str(model.dtype).removeprefix('torch.')}): "
           "a Hugging Face folder that transformers and pocketlm load")
     return 0
 
 
 def cmd_train_tokenizer(args) -> int:
-    from pocketlm.tokenizer import Tokenizer
+    from pocketlm.data import find_sources, train_tokenizer
+    from pocketlm.files import staged_folder
 
-    tokenizer = Tokenizer.train(args.files, vocab_size=args.vocab_size,
-                                special_tokens=tuple(args.special_tokens), eos_token=args.special_tokens[0],
-                                show_progress=sys.stderr.isatty())
-    tokenizer.save_pretrained(args.out)
+    sources = find_sources(args.files)  # read as `prepare` reads them: folders, .jsonl, '-'
+    with staged_folder(args.out) as folder:  # an --out that is a file fails here, before training
+        tokenizer = train_tokenizer(sources, vocab_size=args.vocab_size, special_tokens=tuple(args.special_tokens),
+                                    progress=sys.stderr.isatty())
+        tokenizer.save_pretrained(folder)
     print(f"trained a byte-level BPE tokenizer with {len(tokenizer):,} tokens → {args.out}")
     return 0
 
@@ -130,15 +142,23 @@ def cmd_generate(args) -> int:
 
     if args.system is not None and not args.chat:
         raise ConfigError("--system is a chat message; add --chat to send the prompt through the chat template")
+    text = _prompt_text(args.prompt)  # before loading: a bad prompt should not cost a model load
     generator, tokenizer = load_for_generation(args)
-    text = sys.stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
     overrides = sampling_overrides(args)
     session = None
-    prompt: str | list[int] = text
+    window = generator.model.config.max_position
     if args.chat:
-        session = ChatSession(tokenizer, generator.model.config.max_position, system=args.system)
+        session = ChatSession(tokenizer, window, system=args.system)
         session.add("user", text)
         prompt = session.encode()
+    else:
+        prompt = tokenizer.encode(text)
+    if "max_new_tokens" not in overrides and generator.config.max_new_tokens is None \
+            and generator.config.max_length is None:
+        # the library's default (20 new tokens, as in transformers) is too short to read; the CLI
+        # answers at length, within the room the context window has left
+        room = window - len(prompt)
+        overrides["max_new_tokens"] = min(DEFAULT_NEW_TOKENS, room) if room > 0 else DEFAULT_NEW_TOKENS
     overrides.update(_stop_settings(generator, session, args.stop))
     if args.show_probs is not None:
         overrides["logprobs"] = args.show_probs
@@ -169,6 +189,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _prompt_text(prompt: str) -> str:
+    """PROMPT from the command line, or stdin for "-", checked to be UTF-8 text."""
+    if prompt == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8").removesuffix("\n")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"stdin is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); "
+                              "convert it first, e.g. with `iconv -t UTF-8`") from None
+    try:
+        prompt.encode("utf-8")  # undecodable argv bytes arrive as lone surrogates
+    except UnicodeEncodeError:
+        raise ConfigError("PROMPT is not UTF-8 text; pass UTF-8, or pipe the text in with PROMPT '-'") from None
+    return prompt
+
+
 def format_probabilities(logprobs) -> str:
     """One row per generated token: the chosen token and its probability, then the model's most
     likely candidates at that step — the choice the sampler made, made visible."""
@@ -189,6 +225,7 @@ def _prob(logprob: float) -> str:
     return f"{math.exp(logprob):.3g}"  # 3 significant digits: a rare token shows as 2e-05, not 0.000
 
 
+DEFAULT_NEW_TOKENS = 256  # generate's answer length when neither a flag nor the checkpoint sets one
 CHAT_HELP = "Commands: /reset clears the conversation, /exit quits (so do Ctrl-D and Ctrl-C at the prompt)"
 
 
@@ -244,12 +281,16 @@ def cmd_chat(args) -> int:
 
 
 def _read_line(interactive: bool) -> str | None:
-    """The next line the user typed, or None at end of input (Ctrl-D) or Ctrl-C."""
+    """The next line the user typed, or None at end of input (Ctrl-D) or Ctrl-C. A line that is
+    not UTF-8 is skipped with a notice; the chat goes on."""
     try:
         if interactive:
             return input("> ")
-        line = sys.stdin.readline()  # tests and pipes feed stdin; no terminal needed
-        return line if line else None
+        raw = sys.stdin.buffer.readline()  # tests and pipes feed stdin; no terminal needed
+        return raw.decode("utf-8") if raw else None
+    except UnicodeDecodeError:
+        print("pocketlm: that line is not UTF-8 text; it was skipped", file=sys.stderr)
+        return ""
     except (EOFError, KeyboardInterrupt):
         if interactive:
             print(file=sys.stderr)
@@ -324,8 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights' dtype in the folder (default float32)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text files")
-    p.add_argument("files", nargs="+", help="plain-text training files")
+    p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text files",
+                       description="Train a byte-level BPE on INPUTs read as `pocketlm prepare` reads them: "
+                                   "text files, folders, .jsonl files (a 'text' field per line) or stdin ('-').")
+    p.add_argument("files", nargs="+", metavar="INPUT", help="text files, folders, .jsonl or '-'")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (default: 4096)")
     p.add_argument("--special-tokens", nargs="+", default=["<|endoftext|>"],
                    help="special tokens; the first is end-of-text (default: <|endoftext|>)")
@@ -340,18 +383,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, folders, .jsonl, '-' or 'shakespeare'")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the shards and the tokenizer")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--tokenizer", metavar="PATH", help="use this tokenizer (a folder or tokenizer.json)")
+    which.add_argument("--tokenizer", metavar="PATH",
+                       help="use this tokenizer: a tokenizer folder or tokenizer.json, a checkpoint or training "
+                            "run folder, a .gguf file or a registry name (what `train --model` takes)")
     which.add_argument("--vocab-size", type=int, default=4096, metavar="N",
                        help="train a byte-level BPE of N tokens on the inputs (default: 4096)")
     which.add_argument("--char", action="store_true", help="train a character-level tokenizer instead")
-    p.add_argument("--val-frac", type=float, default=0.1, help="share of documents held out (default: 0.1)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the split (default: 1337)")
+    p.add_argument("--val-frac", type=float, default=0.1,
+                   help="share of documents held out; with too few documents, that share of the text's "
+                        "end (default: 0.1)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the split, 0..2**63-1 (default: 1337)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="pretrain a model on prepared shards",
                        description="Pretrain by maximum likelihood on shards made by `pocketlm prepare`. "
-                                   "Ctrl-C saves a checkpoint and stops; --resume continues. Works the same "
-                                   "under `torchrun --nproc-per-node=N`.")
+                                   "Ctrl-C saves a checkpoint and stops after the step (a second Ctrl-C stops "
+                                   "at once); --resume continues. Works the same under "
+                                   "`torchrun --nproc-per-node=N`.")
     _add_dataclass_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
@@ -360,9 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "folder, with a sliding window; print the mean loss and perplexity.")
     _add_model_flags(p)
     p.add_argument("--data", required=True, metavar="DIR|FILE", help="a text file or a prepared data folder")
-    p.add_argument("--max-length", type=int, metavar="N", help="window length (default: the model's, at most 1024)")
-    p.add_argument("--stride", type=int, metavar="N", help="window step (default: half a window)")
-    p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens")
+    p.add_argument("--max-length", type=int, metavar="N",
+                   help="window length, at least 2 (default: the model's context, at most 1024)")
+    p.add_argument("--stride", type=int, metavar="N", help="window step, 1..--max-length (default: half a window)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens (N ≥ 2)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="continue a prompt with a model",
@@ -428,8 +477,10 @@ def cmd_prepare(args) -> int:
 
     report = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                      char=args.char, val_frac=args.val_frac, seed=args.seed, progress=sys.stderr.isatty())
+    held_out = (f"the last {report.val_tail_chars:,} characters of the text: too few documents to split by "
+                "document" if report.val_tail_chars else f"{report.pieces['val']} pieces")
     print(f"{report.tokens['train']:,} training tokens ({report.pieces['train']} pieces), "
-          f"{report.tokens['val']:,} validation tokens ({report.pieces['val']} pieces), "
+          f"{report.tokens['val']:,} validation tokens ({held_out}), "
           f"vocabulary {report.vocab_size:,} → {report.out}")
     return 0
 
@@ -441,8 +492,8 @@ def cmd_train(args) -> int:
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     trainer = Trainer(config)
-    last = trainer.fit()
-    if trainer.dist.main:
+    last = trainer.fit()  # empty for a --resume of a finished run: fit said so, and exit status is 0
+    if trainer.dist.main and last:
         print(f"train loss {last['train_loss']:.4f}, validation loss {last['val_loss']:.4f}; "
               f"checkpoints in {trainer.checkpoints}")
     return 0
@@ -452,7 +503,20 @@ def cmd_eval(args) -> int:
     from pocketlm.api import load_model_and_tokenizer
     from pocketlm.evaluate import perplexity, tokens_to_score
 
+    # the flags' ranges are checked here, before loading, in the flags' own names
+    for flag, value, least, why in (
+            ("--max-length", args.max_length, 2, " (a window scores the tokens after its first)"),
+            ("--stride", args.stride, 1, ""),
+            ("--max-tokens", args.max_tokens, 2, " (each token after the first is scored)")):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be at least {least}{why}, got {value}")
+    if args.max_length is not None and args.stride is not None and args.stride > args.max_length:
+        raise ConfigError(f"--stride {args.stride} is longer than --max-length {args.max_length}, so tokens between "
+                          f"windows would go unscored; use a --stride of at most {args.max_length}")
     model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device), dtype=args.dtype)
+    if args.max_length is not None and args.max_length > model.config.max_position:
+        raise ConfigError(f"--max-length {args.max_length} is longer than the model's context of "
+                          f"{model.config.max_position} tokens")
     ids = tokens_to_score(args.data, tokenizer, args.max_tokens)
     result = perplexity(model, ids, max_length=args.max_length, stride=args.stride, progress=sys.stderr.isatty())
     print(f"loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f} "
@@ -498,8 +562,37 @@ def main(argv: list[str] | None = None) -> int:
     except PocketLMError as e:
         if args.debug:
             raise
-        print(f"pocketlm: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split("\n"))  # one line, whatever the message held
+        print(f"pocketlm: error: {in_cli_terms(message, parser, args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pocketlm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`pocketlm generate ... | head`): stop quietly, as other tools do;
+        # stdout goes to /dev/null so the interpreter's final flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+# library messages name Python settings; from the command line they are flags
+_CLI_PHRASES = {"do_sample=True": "a sampling flag (--temperature, --top-k, --top-p, --min-p)",
+                "do_sample=False": "--greedy"}
+
+
+def in_cli_terms(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """A library error message with each setting the command has a flag for named as that flag
+    (max_new_tokens → --max-new-tokens)."""
+    sub = next((a.choices.get(command) for a in parser._actions
+                if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is None:
+        return message
+    for action in sub._actions:
+        flags = [o for o in action.option_strings if o.startswith("--")]
+        if flags and "_" in action.dest:
+            message = re.sub(rf"(?<![\w/.-]){re.escape(action.dest)}\b", flags[0], message)
+    if command in ("generate", "chat"):
+        for phrase, flag in _CLI_PHRASES.items():
+            message = message.replace(phrase, flag)
+    return message

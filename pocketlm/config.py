@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pocketlm.errors import ConfigError
 
@@ -24,6 +24,10 @@ ACTIVATIONS = ("gelu_tanh", "gelu", "silu")
 _HF_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
            "gelu": "gelu", "silu": "silu", "swish": "silu"}
 _GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+
+
+def _alias(name: str) -> property:
+    return property(lambda self: getattr(self, name), doc=f"transformers' name for `{name}` (read-only)")
 
 
 @dataclass
@@ -55,6 +59,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+
+    # Settings transformers' code reads and sets on model.config that are not part of the
+    # architecture: class-level defaults, so they stay out of fields, to_dict and config.json.
+    use_cache: ClassVar[bool] = False  # forward returns a cache only when asked (use_cache=True)
+    dtype: ClassVar[Any] = None  # the torch dtype the weights were loaded in (set by the loader)
+    is_encoder_decoder: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -117,6 +127,21 @@ class ModelConfig:
         if (self.norm, self.mlp, self.pos, self.act) == ("rmsnorm", "swiglu", "rope", "silu"):
             return "llama"
         return "pocketlm"
+
+    # --- transformers' names for the same facts (read-only), so code reading model.config ports ---
+
+    model_type = _alias("family")
+    hidden_size = _alias("n_embd")
+    num_hidden_layers = _alias("n_layer")
+    num_attention_heads = _alias("n_head")
+    num_key_value_heads = _alias("n_kv_head")
+    max_position_embeddings = n_positions = n_ctx = _alias("max_position")
+    n_inner = _alias("intermediate_size")
+    rms_norm_eps = layer_norm_epsilon = layer_norm_eps = _alias("norm_eps")
+    tie_word_embeddings = _alias("tie_embeddings")
+    torch_dtype = _alias("dtype")
+    hidden_act = activation_function = property(lambda self: _GPT2_ACT.get(self.act, self.act))
+    architectures = property(lambda self: self.to_hf_config()["architectures"])
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
@@ -268,6 +293,10 @@ PRESETS: dict[str, ModelConfig] = {
 
 # --- training ---------------------------------------------------------------------------------
 
+MAX_SEED = 2**63 - 1
+MAX_THREADS = 1024
+
+
 def _help(text: str, **kw) -> Any:
     return field(metadata={"help": text}, **kw)
 
@@ -276,8 +305,8 @@ def _help(text: str, **kw) -> Any:
 class TrainConfig:
     """Every setting of a training run; `pocketlm train` takes one flag per field, with these defaults."""
     data: str = _help("folder of token shards made by `pocketlm prepare`", default="")
-    model: str = _help("a preset (baby, llama-tiny, gpt2, ...) to train from scratch, or a checkpoint "
-                       "folder to continue", default="baby")
+    model: str = _help("a preset (baby, llama-tiny, gpt2, ...) to train from scratch, or a model to continue: "
+                       "a checkpoint or run folder, a .gguf file or a pulled registry name", default="baby")
     out: str = _help("run folder: configs, metrics.csv, loss.png, checkpoints/", default="runs/train")
     max_steps: int = _help("optimizer steps to train for", default=1000)
     max_minutes: float = _help("stop (saving a checkpoint) after this much training time; 0: no limit",
@@ -289,8 +318,8 @@ class TrainConfig:
     min_lr: float = _help("learning rate at the end of the cosine decay", default=3e-4)
     warmup_steps: int = _help("linear warm-up steps", default=100)
     weight_decay: float = _help("AdamW decoupled weight decay (matrices only)", default=0.1)
-    beta1: float = _help("AdamW beta1", default=0.9)
-    beta2: float = _help("AdamW beta2", default=0.95)
+    beta1: float = _help("AdamW beta1, in [0, 1)", default=0.9)
+    beta2: float = _help("AdamW beta2, in [0, 1)", default=0.95)
     grad_clip: float = _help("clip the gradient norm to this (0: off)", default=1.0)
     dropout: float = _help("dropout for a model built from a preset", default=0.0)
     eval_every: int = _help("steps between evaluations, samples and checkpoints", default=100)
@@ -306,33 +335,52 @@ class TrainConfig:
     fsdp: bool = _help("under torchrun, shard weights, gradients and optimizer state across the processes "
                        "(FSDP) instead of keeping a replica in each (DDP): for models that do not fit one "
                        "device", default=False)
-    seed: int = _help("seed of the weights, the batches and the samples", default=1337)
+    seed: int = _help("seed of the weights, the batches and the samples (0..2**63-1)", default=1337)
     threads: int = _help("torch CPU threads (0: torch's default)", default=0)
     resume: bool = _help("continue from the newest complete checkpoint in --out", default=False)
 
     def validate(self) -> None:
-        positive = ("max_steps", "batch_size", "block_size", "grad_accum", "eval_every", "eval_windows",
-                    "keep_last", "log_every")
-        for name in positive:
+        """Raise ConfigError naming the first setting that cannot work. The messages name the
+        command-line flags (`--block-size`), since `pocketlm train` takes one flag per field."""
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
+
+        for name, smallest in (("max_steps", 1), ("batch_size", 1), ("block_size", 1), ("grad_accum", 1),
+                               ("eval_every", 1), ("eval_windows", 1), ("keep_last", 1), ("log_every", 1),
+                               ("warmup_steps", 0), ("sample_tokens", 0), ("threads", 0), ("seed", 0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "sample_tokens", "threads"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+                raise ConfigError(f"{flag(name)} must be an integer ≥ {smallest}, got {value!r}")
+        if self.seed > MAX_SEED:  # torch keeps seeds in 64 bits, and the samples add the step to it
+            raise ConfigError(f"--seed must be in 0..2**63-1 ({MAX_SEED}), got {self.seed}")
+        if self.threads > MAX_THREADS:
+            raise ConfigError(f"--threads must be at most {MAX_THREADS}, got {self.threads}")
+        for name, low, high in (("lr", 0.0, None), ("min_lr", 0.0, None), ("weight_decay", 0.0, None),
+                                ("grad_clip", 0.0, None), ("max_minutes", 0.0, None), ("dropout", 0.0, 1.0),
+                                ("beta1", 0.0, 1.0), ("beta2", 0.0, 1.0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be an integer ≥ 0, got {value!r}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "max_minutes", "dropout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite number ≥ 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < low or (high is not None and value >= high):
+                where = f"in [{low:g}, {high:g})" if high is not None else "a finite number ≥ 0"
+                raise ConfigError(f"{flag(name)} must be {where}, got {value!r}")
+        if self.lr == 0:
+            raise ConfigError("--lr must be above 0 (with 0 the weights never change)")
         if self.min_lr > self.lr:
-            raise ConfigError(f"min_lr ({self.min_lr}) is above lr ({self.lr})")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"--min-lr ({self.min_lr:g}) is above --lr ({self.lr:g})")
+        for name in ("data", "model", "out", "sample_prompt", "device", "precision"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{flag(name)} must be a string, got {getattr(self, name)!r}")
+        for name in ("compile", "fsdp", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{flag(name)} must be True or False, got {getattr(self, name)!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+            raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         if not self.data:
             raise ConfigError("no training data: pass --data, a folder made by `pocketlm prepare`")
+        if not self.model:
+            raise ConfigError("--model is empty: pass a preset (baby, llama-tiny, gpt2, ...) or a checkpoint")
+        if not self.out:
+            raise ConfigError("--out is empty: pass the run folder to write")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up to lr, then cosine decay to min_lr at max_steps."""

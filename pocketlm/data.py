@@ -6,8 +6,9 @@ ids, uint16 when the vocabulary fits, else uint32) each with a JSON sidecar (dty
 vocabulary size, tokenizer fingerprint, sources), and the tokenizer beside them. Documents are
 separated by the EOS token. The split is by document, so no validation text is ever trained on;
 a long document (a big file, stdin) is cut at line breaks into pieces of about `PIECE_CHARS`
-characters, and the pieces are what the split deals out. Memory stays bounded by a piece,
-whatever the corpus size.
+characters, and the pieces are what the split deals out. When there are too few for the draw to
+give validation any (one file, a few documents), validation is the tail of the text instead, cut
+at a line break. Memory stays bounded by a piece, whatever the corpus size.
 
 `TokenShard` opens a shard as a memory map after checking its sidecar against the file and the
 tokenizer; `Batches` draws training windows from it.
@@ -19,6 +20,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -33,8 +35,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from pocketlm.errors import ConfigError, FormatError, NotFoundError, PocketLMError
-from pocketlm.files import atomic_path, atomic_write_json, read_json
+from pocketlm.errors import ConfigError, FormatError, NotFoundError, PocketLMError, TokenizerError
+from pocketlm.files import atomic_write_json, read_json, staged_folder
 from pocketlm.packing import trim_heap
 
 log = logging.getLogger(__name__)
@@ -59,12 +61,18 @@ class DataError(PocketLMError, ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """One input: a text file, a JSONL file or stdin ("-")."""
+    """One input: a text file, a JSONL file or stdin ("-"). `label` names it in messages and
+    sidecars when `path` is not what the user gave (stdin spooled to a temporary file)."""
     path: str
+    label: str | None = None
 
     @property
     def is_jsonl(self) -> bool:
         return self.path.endswith(".jsonl")
+
+    @property
+    def where(self) -> str:
+        return self.label or ("stdin" if self.path == "-" else self.path)
 
 
 def find_sources(inputs: Iterable[str | os.PathLike]) -> list[Source]:
@@ -104,11 +112,11 @@ def documents(source: Source) -> Iterator[Iterator[str]]:
             if source.is_jsonl:
                 for number, line in enumerate(f, 1):
                     if line.strip():
-                        yield iter([_jsonl_text(line, source.path, number)])
+                        yield iter([_jsonl_text(line, source.where, number)])
             else:
-                yield _pieces(f, source.path)
+                yield _pieces(f, source.where)
     except UnicodeDecodeError as e:
-        raise DataError(f"{source.path} is not UTF-8 text ({e.reason}); convert it to UTF-8 first") from None
+        raise DataError(f"{source.where} is not UTF-8 text ({e.reason}); convert it to UTF-8 first") from None
 
 
 def _open_text(source: Source) -> io.TextIOBase:
@@ -214,6 +222,40 @@ def char_tokenizer(texts: Iterable[str], eos_token: str = "<|endoftext|>"):
     return Tokenizer(backend, eos_token=eos_token, bos_token=eos_token, unk_token="<unk>")
 
 
+def train_tokenizer(sources: list[Source], *, vocab_size: int = 4096, char: bool = False,
+                    special_tokens: tuple[str, ...] = ("<|endoftext|>",), progress: bool = False):
+    """A tokenizer trained on the sources as `prepare` reads them (one way of reading for both
+    `prepare` and `pocketlm train-tokenizer`): a byte-level BPE of `vocab_size` tokens, or with
+    char=True a character-level one. The first special token is the EOS token."""
+    from pocketlm.tokenizer import Tokenizer
+
+    read, failure = 0, []
+
+    def texts() -> Iterator[str]:
+        nonlocal read
+        try:
+            for text in iter_texts(sources):
+                read += len(text)
+                yield text
+        except PocketLMError as e:
+            failure.append(e)  # the trainer reports it as its own failure; ours says which file and line
+            raise
+
+    try:
+        if char:
+            tokenizer = char_tokenizer(texts(), eos_token=special_tokens[0])
+        else:
+            tokenizer = Tokenizer.train_from_iterator(texts(), vocab_size=vocab_size, special_tokens=special_tokens,
+                                                      eos_token=special_tokens[0], show_progress=progress)
+    except TokenizerError:
+        if failure:
+            raise failure[0] from None
+        raise
+    if not read:
+        raise DataError(f"no text in {', '.join(s.where for s in sources)}: a tokenizer needs text to learn from")
+    return tokenizer
+
+
 # --- writing shards ----------------------------------------------------------------------------
 
 def shard_dtype(vocab_size: int) -> np.dtype:
@@ -226,96 +268,134 @@ class PrepareReport:
     tokens: dict[str, int]
     pieces: dict[str, int]
     vocab_size: int
+    # > 0 when too few pieces fell into validation to split by document: validation is then this
+    # many characters at the end of the text
+    val_tail_chars: int = 0
+    unknown: int = 0  # tokens of the text that became the tokenizer's <unk> (characters it lacks)
+
+
+MAX_SEED = 2**63 - 1  # seeds are kept to what torch.Generator takes, here as in training
 
 
 def prepare(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, tokenizer=None,
             vocab_size: int = 4096, char: bool = False, val_frac: float = 0.1, seed: int = 1337,
             progress: bool = False) -> PrepareReport:
     """Tokenize the inputs into OUT/train.bin and OUT/val.bin (+ .json sidecars) and save the
-    tokenizer into OUT. `tokenizer` is a Tokenizer or a path to one; without it a byte-level BPE
-    of `vocab_size` tokens (or, with char=True, a character-level one) is trained on the inputs.
-    Each piece goes to validation with probability val_frac (seeded); if none did, the last
-    piece does. Files are written atomically: a failure leaves OUT as it was."""
+    tokenizer into OUT. `tokenizer` is a Tokenizer or anything `train --model` takes (a tokenizer
+    folder or tokenizer.json, a checkpoint or run folder, a GGUF file, a registry name); without
+    it a byte-level BPE of `vocab_size` tokens (or, with char=True, a character-level one) is
+    trained on the inputs. Each piece goes to validation with probability val_frac (seeded); if
+    none did (one file, a few documents), validation is the tail of the text, val_frac of its
+    characters cut at a line break. Everything is written into a temporary folder and moved
+    into OUT at the end: a failure leaves OUT, and the folders above it, as they were."""
     from pocketlm.tokenizer import Tokenizer
 
     if not 0.0 <= val_frac < 1.0:
-        raise ConfigError(f"val_frac must be in [0, 1), got {val_frac}")
+        raise ConfigError(f"--val-frac must be in [0, 1), got {val_frac}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be in 0..2**63-1 (a 64-bit seed), got {seed}")
     sources = find_sources(inputs)
-    out = Path(out)
-    with tempfile.TemporaryDirectory() as spool:
+    with staged_folder(out) as staging, tempfile.TemporaryDirectory() as spool:
         if any(s.path == "-" for s in sources) and (tokenizer is None):
             # the tokenizer is trained in a first pass, and stdin cannot be read twice: spool it to disk
             spooled = Path(spool) / "stdin.txt"
             with open(spooled, "wb") as f:
                 shutil.copyfileobj(sys.stdin.buffer, f)
-            sources = [Source(str(spooled)) if s.path == "-" else s for s in sources]
+            sources = [Source(str(spooled), label="stdin") if s.path == "-" else s for s in sources]
         if tokenizer is None:
-            if char:
-                tokenizer = char_tokenizer(iter_texts(sources))
-            else:
-                tokenizer = Tokenizer.train_from_iterator(iter_texts(sources), vocab_size=vocab_size,
-                                                          show_progress=progress)
+            tokenizer = train_tokenizer(sources, vocab_size=vocab_size, char=char, progress=progress)
         elif not isinstance(tokenizer, Tokenizer):
-            tokenizer = Tokenizer.from_pretrained(tokenizer)
+            tokenizer = _load_tokenizer(tokenizer)
         if tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has no EOS token, which prepare puts between documents; "
                               "use a tokenizer that defines eos_token")
-        return _write_shards(sources, out, tokenizer, val_frac, seed, progress)
+        report = _write_shards(sources, staging, tokenizer, val_frac, seed, progress)
+    report.out = Path(out)
+    return report
+
+
+def _load_tokenizer(ref: str | os.PathLike):
+    from pocketlm import registry
+    from pocketlm.api import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(ref)
+    except NotFoundError:
+        if Path(ref).expanduser().exists() or str(ref) in registry.MODELS:
+            raise  # it names something, and the error says what is missing
+        raise NotFoundError(f"--tokenizer {str(ref)!r} not found: give a tokenizer folder or tokenizer.json, "
+                            "a checkpoint or training run folder, a .gguf file or a registry name") from None
 
 
 def _write_shards(sources, out: Path, tokenizer, val_frac, seed, progress) -> PrepareReport:
     vocab = len(tokenizer)
     dtype = shard_dtype(vocab)
     eos = tokenizer.eos_token_id
+    unk = tokenizer.unk_token_id if tokenizer.unk_token_id != eos else None  # GPT-2 names EOS as unk too
     rng = random.Random(seed)
     counts, pieces = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    chars = unknown = tail = 0
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(unit=" tokens", unit_scale=True, desc="tokenizing", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "train.bin") as train_tmp, atomic_path(out / "val.bin") as val_tmp, \
-            open(train_tmp, "wb") as train_f, open(val_tmp, "wb") as val_f:
+    with open(out / "train.bin", "wb") as train_f, open(out / "val.bin", "wb") as val_f:
         files = {"train": train_f, "val": val_f}
-        held: tuple[list[int], str] | None = None  # the newest piece waits: it may have to be validation
 
         def write(ids: list[int], split: str) -> None:
+            nonlocal unknown
             files[split].write(np.asarray(ids, dtype=dtype).tobytes())
             counts[split] += len(ids)
             pieces[split] += 1
+            unknown += ids.count(unk) if unk is not None else 0
             if bar is not None:
                 bar.update(len(ids))
 
+        def encode(text: str) -> list[int]:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            trim_heap()  # the tokenizer's transient buffers would otherwise pile up in the heap
+            return ids
+
+        # the newest piece (ids, split, text) waits: validation may have to come from it
+        held: tuple[list[int], str, str] | None = None
         for source in sources:
             for document in documents(source):
-                piece_ids: list[int] | None = None
+                piece = None
                 for text in document:
-                    if piece_ids is not None:
-                        held = _pass_on(held, (piece_ids, _draw(rng, val_frac)), write)
-                    piece_ids = tokenizer.encode(text, add_special_tokens=False)
-                    trim_heap()  # the tokenizer's transient buffers would otherwise pile up in the heap
-                if piece_ids is not None:
-                    piece_ids.append(eos)  # documents end with EOS
-                    held = _pass_on(held, (piece_ids, _draw(rng, val_frac)), write)
+                    if piece is not None:
+                        held = _pass_on(held, piece, write)
+                    piece = (encode(text), _draw(rng, val_frac), text)
+                    chars += len(text)
+                if piece is not None:
+                    piece[0].append(eos)  # documents end with EOS
+                    held = _pass_on(held, piece, write)
         if held is None:
-            raise DataError(f"no text in {', '.join(s.path for s in sources)}")
+            raise DataError(f"no text in {', '.join(s.where for s in sources)}")
+        ids, split, text = held
         if val_frac > 0 and pieces["val"] == 0:
-            if pieces["train"] == 0:
-                raise DataError("the whole input is one document piece, and the validation split "
-                                "needs a piece of its own: give more text or pass --val-frac 0")
-            held = (held[0], "val")
-        write(*held)
+            tail = _hold_out_tail(ids, text, round(chars * val_frac), pieces["train"] > 0, encode, write, eos)
+        else:
+            write(ids, split)
         if bar is not None:
             bar.close()
+    if tail:
+        log.info("too few documents to split by document: validation is the last %s characters of the "
+                 "text (%.0f%%), cut at a line break", f"{tail:,}", 100 * tail / chars)
+    if unknown:
+        log.warning("%s characters not in the vocabulary became %s (the tokenizer never saw them); a "
+                    "tokenizer trained on this text (leave out --tokenizer) knows them all",
+                    f"{unknown:,}", tokenizer.unk_token)
+    _warn_if_short(counts, chars, val_frac)
     fingerprint = tokenizer.fingerprint()
     for split in SPLITS:
         atomic_write_json(out / f"{split}.json", {
             "format": SHARD_FORMAT, "version": 1, "split": split, "dtype": dtype.name, "count": counts[split],
             "pieces": pieces[split], "vocab_size": vocab, "eos_token_id": eos, "tokenizer_sha256": fingerprint,
-            "val_frac": val_frac, "seed": seed, "sources": [s.path for s in sources][:1000],
+            "val_frac": val_frac, "seed": seed, "sources": [s.where for s in sources][:1000],
         })
     tokenizer.save_pretrained(out)
-    return PrepareReport(out=out, tokens=counts, pieces=pieces, vocab_size=vocab)
+    return PrepareReport(out=out, tokens=counts, pieces=pieces, vocab_size=vocab, val_tail_chars=tail,
+                         unknown=unknown)
 
 
 def _draw(rng: random.Random, val_frac: float) -> str:
@@ -324,8 +404,53 @@ def _draw(rng: random.Random, val_frac: float) -> str:
 
 def _pass_on(held, new, write):
     if held is not None:
-        write(*held)
+        write(*held[:2])
     return new
+
+
+def _hold_out_tail(ids: list[int], text: str, want: int, trained: bool, encode, write, eos: int) -> int:
+    """Validation from the end of the text: the last piece (`ids`, `text`, ending its document)
+    whole when it is no longer than the `want` characters, else its last `want` or so characters,
+    cut at a line break where there is one. Returns how many characters validation got."""
+    if want >= len(text) and trained:
+        write(ids, "val")
+        return len(text)
+    if len(text) < 2:
+        raise DataError(f"the input holds {len(text)} character{'' if len(text) == 1 else 's'}: too little "
+                        "text for both a training and a validation split; give more text")
+    cut = _line_start_near(text, len(text) - want)
+    write(encode(text[:cut]), "train")
+    write([*encode(text[cut:]), eos], "val")
+    return len(text) - cut
+
+
+def _line_start_near(text: str, target: int) -> int:
+    """The start of a line nearest `target`, strictly inside the text (so neither side is
+    empty); `target` itself, kept inside, when no line starts there."""
+    target = min(max(target, 1), len(text) - 1)
+    starts = [text.rfind("\n", 0, target) + 1, text.find("\n", target) + 1]
+    starts = [i for i in starts if 0 < i < len(text)]
+    return min(starts, key=lambda i: abs(i - target)) if starts else target
+
+
+def _warn_if_short(counts: dict[str, int], chars: int, val_frac: float) -> None:
+    """Say so when a split is too short for one window of the default `pocketlm train`."""
+    from pocketlm.config import TrainConfig
+
+    window = TrainConfig.block_size + 2  # block_size + 1 tokens, and two starts to choose from
+    if val_frac == 0:
+        log.warning("--val-frac 0 leaves val.bin empty: `pocketlm train` and `pocketlm eval` need a "
+                    "validation split; prepare with a --val-frac above 0 for them")
+    tokens = sum(counts.values())
+    for split, share in (("train", 1 - val_frac), ("val", val_frac)):
+        missing = window - counts[split]
+        if share == 0 or missing <= 0:
+            continue
+        more = math.ceil(missing / share * chars / tokens)
+        smaller = f", or train with --block-size {counts[split] - 2} or less" if counts[split] > 2 else ""
+        log.warning("%s.bin holds %s tokens, fewer than one training window at the default --block-size %d "
+                    "(%d tokens): give about %s more characters of text%s", split, f"{counts[split]:,}",
+                    TrainConfig.block_size, window, f"{more:,}", smaller)
 
 
 # --- reading shards ----------------------------------------------------------------------------
@@ -423,5 +548,10 @@ def eval_windows(shard: TokenShard, count: int, block_size: int, vocab_size: int
 def _check_holds_a_window(shard: TokenShard, block_size: int) -> None:
     # a window is block_size + 1 tokens, and random starts need at least two of them to choose from
     if shard.count < block_size + 2:
-        raise DataError(f"{shard.path} holds {shard.count:,} tokens, fewer than one window of "
-                        f"block_size + 1 = {block_size + 1}; use more text or a smaller --block-size")
+        if shard.count == 0 and shard.meta.get("split") == "val" and shard.meta.get("val_frac") == 0:
+            raise DataError(f"{shard.path} is empty: the data was prepared with --val-frac 0, and training "
+                            "needs a validation split; prepare it again with a --val-frac above 0")
+        smaller = f", or a --block-size of at most {shard.count - 2}" if shard.count > 2 else ""
+        raise DataError(f"{shard.path} holds {shard.count:,} tokens, fewer than one window of --block-size "
+                        f"{block_size} + 1 (and a second start to draw): prepare more text, about "
+                        f"{block_size + 2 - shard.count:,} more tokens in this split{smaller}")

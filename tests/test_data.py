@@ -141,7 +141,7 @@ def test_bad_inputs_raise_clear_errors_and_keep_existing_shards(tmp_path, bpe):
         ([tmp_path / "bad.jsonl"], DataError, "bad.jsonl:2"),
         ([tmp_path / "broken.jsonl"], DataError, "broken.jsonl:2"),
         ([tmp_path / "missing.txt"], NotFoundError, "not found"),
-        ([_write(tmp_path, DOCS[:1], "one.txt")], DataError, "one document piece"),
+        ([_write(tmp_path, ["x"], "one.txt")], DataError, "too little text"),
     ]
     for inputs, error, words in cases:
         with pytest.raises(error, match=words):

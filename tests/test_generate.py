@@ -192,11 +192,12 @@ def test_generate_honours_stop_strings_eos_lists_and_lengths(llama, tokenizer):
     assert "".join(gen.stream("The quick", max_new_tokens=30, do_sample=False, eos_token_id=None,
                               stop=stop)) == stopped.text
     # an eos list: stop at the first of several ids, which is not part of the completion
-    third = free.token_ids[2]
-    eos = gen.generate("The quick", max_new_tokens=30, do_sample=False, eos_token_id=[len(tokenizer) - 1, third])
-    assert eos.token_ids == free.token_ids[:2] and eos.finish_reason == "stop"
+    at = next(i for i, t in enumerate(free.token_ids) if i and t not in free.token_ids[:i])  # its first new id
+    eos = gen.generate("The quick", max_new_tokens=30, do_sample=False,
+                       eos_token_id=[len(tokenizer) - 1, free.token_ids[at]])
+    assert eos.token_ids == free.token_ids[:at] and eos.finish_reason == "stop"
     assert gen.generate("The quick", max_new_tokens=30, do_sample=False, eos_token_id=None,
-                        stop_token_ids=[third]).token_ids == free.token_ids[:2]
+                        stop_token_ids=[free.token_ids[at]]).token_ids == free.token_ids[:at]
     prompt_len = len(tokenizer.encode("The quick"))
     short = gen.generate("The quick", max_length=prompt_len + 4, do_sample=False, eos_token_id=None)
     assert short.token_ids == free.token_ids[:4] and short.finish_reason == "length"

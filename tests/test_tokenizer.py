@@ -236,7 +236,7 @@ def test_trained_special_token_is_one_id_and_never_split(trained):
     assert trained.decode(ids) == f"hello{EOT}world"
     assert trained.decode(ids, skip_special_tokens=True) == "helloworld"
     assert eot not in trained.encode(f"hello{EOT}world", split_special_tokens=True)
-    assert trained.all_special_ids == [eot]
+    assert trained.all_special_ids == [eot, trained.pad_token_id]  # trained tokenizers get <|pad|>
 
 
 def test_training_learns_merges(trained):
@@ -252,11 +252,9 @@ def test_train_from_iterator_matches_train_from_file(trained, corpus_file):
 
 def test_train_rejects_bad_arguments(corpus_file, tmp_path):
     with pytest.raises(ConfigError, match="at least 258"):
-        Tokenizer.train([corpus_file], 257, special_tokens=(EOT, "<pad>"))
+        Tokenizer.train([corpus_file], 257, special_tokens=(EOT, "<pad>"), pad_token="<pad>")
     with pytest.raises(NotFoundError, match="missing.txt"):
         Tokenizer.train([corpus_file, tmp_path / "missing.txt"], VOCAB_SIZE)
-    with pytest.raises(ConfigError, match="special_tokens"):
-        Tokenizer.train([corpus_file], VOCAB_SIZE, eos_token="<eos>")
 
 
 # ----- parity with transformers -----------------------------------------------------------
@@ -318,7 +316,8 @@ def test_saved_folder_loads_in_transformers_with_same_ids(trained_dir):
     config = json.loads((trained_dir / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert config["clean_up_tokenization_spaces"] is False
-    assert json.loads((trained_dir / "special_tokens_map.json").read_text()) == {"eos_token": EOT}
+    assert json.loads((trained_dir / "special_tokens_map.json").read_text()) == \
+        {"eos_token": EOT, "pad_token": "<|pad|>"}
 
 
 def test_save_load_keeps_every_setting(smol_dir, tmp_path):
@@ -358,6 +357,7 @@ def test_call_shapes_and_batch_encoding(tok):
 
 
 def test_padding_needs_a_pad_token(tok):
+    tok.pad_token = None
     with pytest.raises(TokenizerError, match="pad_token = tokenizer.eos_token"):
         tok(["a", "a b c"], padding=True)
     tok.pad_token = tok.eos_token
@@ -417,7 +417,7 @@ def test_token_id_conversions(tok):
     assert tok.convert_tokens_to_ids(EOT) == tok.eos_token_id
     assert tok.convert_tokens_to_ids(["no-such-token"]) == [tok.unk_token_id]  # None: no unk here
     assert tok.convert_ids_to_tokens(tok.encode("the")) == ["the"]
-    assert tok.all_special_tokens == [EOT]
+    assert tok.all_special_tokens == [EOT, "<|pad|>"]
 
 
 def test_special_token_setters_validate(tok):

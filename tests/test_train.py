@@ -191,7 +191,7 @@ def test_a_finished_run_is_not_overwritten_and_mismatches_are_refused(corpus, tm
         other, tokenizer=tok)
     with pytest.raises(DataError, match="different tokenizer"):
         Trainer(_config(corpus, tmp_path / "run2", model=str(other)))
-    with pytest.raises(ConfigError, match="min_lr"):
+    with pytest.raises(ConfigError, match="--min-lr"):
         Trainer(_config(corpus, tmp_path / "run3", min_lr=1.0))
     with pytest.raises(NotFoundError, match="neither a preset"):
         Trainer(_config(corpus, tmp_path / "run4", model="no-such-model"))
