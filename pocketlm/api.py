@@ -21,7 +21,7 @@ import torch
 
 from pocketlm import checkpoint, registry
 from pocketlm.config import ModelConfig, resolve_device
-from pocketlm.errors import ConfigError, NotFoundError
+from pocketlm.errors import ConfigError
 from pocketlm.generate import GenerateOutput, GenerationConfig, Generator, transition_scores
 from pocketlm.model import Transformer, check_attn_implementation
 from pocketlm.tokenizer import Tokenizer
@@ -68,9 +68,7 @@ class CausalLM(Transformer):
         device = _load_device(device, device_map)
         dtype = _one_dtype(dtype, torch_dtype)
         attn_implementation = check_attn_implementation(attn_implementation)
-        if revision not in (None, "main"):
-            raise ConfigError(f"revision={revision!r}: pocketlm loads local folders and files, which have no "
-                              "revisions; put that revision's files in a folder and pass its path")
+        _check_revision(revision)
         if trust_remote_code:
             log.warning("trust_remote_code=True changes nothing: pocketlm never runs code from a checkpoint, "
                         "it loads the gpt2, llama and pocketlm architectures with its own")
@@ -92,8 +90,7 @@ class CausalLM(Transformer):
         from pocketlm.gguf import load_gguf
 
         model = load_gguf(f, device=device, dtype=dtype, cls=cls)
-        model.generation_config = {k: v for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                                   if (v := getattr(model.config, k)) is not None}
+        model.generation_config = _special_token_ids(model.config)
         return model
 
     @classmethod
@@ -111,8 +108,7 @@ class CausalLM(Transformer):
         model.attn_implementation = attn_implementation
         if dtype is not None:
             model = model.to(checkpoint._resolve_dtype(dtype, torch.float32))
-        model.generation_config = {k: v for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                                   if (v := getattr(config, k)) is not None}
+        model.generation_config = _special_token_ids(config)
         return model.to(device) if device is not None else model
 
     def save_pretrained(self, folder: str | Path, tokenizer: Tokenizer | None = None,
@@ -208,6 +204,17 @@ def _device(value, keyword: str) -> torch.device:
                           "or 'auto'") from None
 
 
+def _special_token_ids(config: ModelConfig) -> dict[str, int]:
+    """The generation settings a model without generation_config.json starts from: its special ids."""
+    return {k: v for k in ("bos_token_id", "eos_token_id", "pad_token_id") if (v := getattr(config, k)) is not None}
+
+
+def _check_revision(revision: str | None) -> None:
+    if revision not in (None, "main"):
+        raise ConfigError(f"revision={revision!r}: pocketlm loads local folders and files, which have no "
+                          "revisions; put that revision's files in a folder and pass its path")
+
+
 def _one_dtype(dtype, torch_dtype):
     if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
         raise ConfigError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one")
@@ -282,9 +289,7 @@ class AutoTokenizer:
         token change nothing: the tokenizer is always the fast (Rust) one, read from local files,
         and no code from a checkpoint runs. An unknown keyword is a ConfigError that lists these."""
         _refuse_unknown("AutoTokenizer.from_pretrained", unknown, AutoTokenizer.from_pretrained)
-        if revision not in (None, "main"):
-            raise ConfigError(f"revision={revision!r}: pocketlm loads local folders and files, which have no "
-                              "revisions; put that revision's files in a folder and pass its path")
+        _check_revision(revision)
         ref = registry.resolve(path)
         if subfolder:
             ref = registry.resolve(Path(ref.path) / subfolder)

@@ -342,8 +342,9 @@ def _read_weights(folder: Path, allow_pickle: bool, transposed: Collection[str] 
         if not allow_pickle:
             raise UnsafeFormatError(
                 f"{folder} holds only {PICKLE_WEIGHTS}, a pickle file that can run code when loaded. "
-                "If you trust it, pass allow_pickle=True (loaded with weights_only=True), or convert it "
-                "to model.safetensors")
+                "If you trust it, convert it to model.safetensors once, in Python: "
+                "AutoModelForCausalLM.from_pretrained(folder, allow_pickle=True).save_pretrained(new_folder) "
+                "(loaded with weights_only=True)")
         try:
             return torch.load(folder / PICKLE_WEIGHTS, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises many kinds for a bad pickle

@@ -116,9 +116,10 @@ def sampling_overrides(args) -> dict:
     from pocketlm.generate import SAMPLING_KEYS
 
     names = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
-             "num_return_sequences")
+             "num_return_sequences", "num_beams")
     overrides = {k: getattr(args, k, None) for k in names if getattr(args, k, None) is not None}
-    if args.greedy:
+    beams = overrides.get("num_beams", 1) > 1
+    if args.greedy or (beams and not any(k in overrides for k in SAMPLING_KEYS)):
         overrides["do_sample"] = False
     elif any(k in overrides for k in SAMPLING_KEYS) or overrides.get("num_return_sequences", 1) > 1:
         # the library would infer the same and log a line about it; here the flag says it all
@@ -164,9 +165,13 @@ def cmd_generate(args) -> int:
         overrides["logprobs"] = args.show_probs
 
     n = overrides.get("num_return_sequences", 1)
-    stream = n == 1 if args.stream is None else args.stream
-    if stream and n > 1:
-        raise ConfigError("--stream shows one sequence; drop it or --num-return-sequences")
+    beams = overrides.get("num_beams", 1) > 1
+    if beams and args.show_probs is not None:
+        raise ConfigError("--show-probs lists the tokens of greedy or sampled decoding; drop it or --num-beams")
+    stream = n == 1 and not beams if args.stream is None else args.stream
+    if stream and (n > 1 or beams):
+        raise ConfigError("--stream shows one sequence as it is decided; drop it, --num-return-sequences "
+                          "or --num-beams")
     if stream:
         steps = []
         for chunk in generator.stream_chunks(prompt, **overrides):
@@ -371,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="INPUT", help="text files, folders, .jsonl or '-'")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (default: 4096)")
     p.add_argument("--special-tokens", nargs="+", default=["<|endoftext|>"],
-                   help="special tokens; the first is end-of-text (default: <|endoftext|>)")
+                   help="special tokens; the first is end-of-text, and <|pad|> joins them as the pad token "
+                        "(default: <|endoftext|>)")
     p.add_argument("--out", required=True, help="folder to write tokenizer.json and its config into")
     p.set_defaults(func=cmd_train_tokenizer)
 
@@ -421,7 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     p.add_argument("prompt", help="the text to continue; - reads it from stdin")
     _add_sampling_flags(p)
-    p.add_argument("--num-return-sequences", type=int, metavar="N", help="how many samples to draw")
+    p.add_argument("--num-return-sequences", type=int, metavar="N",
+                   help="how many samples to draw (with --num-beams: how many of the best beams to print)")
+    p.add_argument("--num-beams", type=int, metavar="N",
+                   help="beam search: keep the N most likely continuations at each step and print the best")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they are generated (default: on for one sequence)")
     p.add_argument("--show-probs", type=int, nargs="?", const=5, metavar="N",
@@ -574,16 +583,23 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    except OSError as e:  # the machine said no (a disk full, a file it may not read): say so in one line
+        if args.debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"pocketlm: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 # library messages name Python settings; from the command line they are flags
-_CLI_PHRASES = {"do_sample=True": "a sampling flag (--temperature, --top-k, --top-p, --min-p)",
+_CLI_PHRASES = {"do_sample=True": "--temperature T or another sampling flag",
                 "do_sample=False": "--greedy"}
 
 
 def in_cli_terms(message: str, parser: argparse.ArgumentParser, command: str) -> str:
     """A library error message with each setting the command has a flag for named as that flag
-    (max_new_tokens → --max-new-tokens)."""
+    (max_new_tokens → --max-new-tokens). Only names with an underscore are flag-like enough to
+    rewrite, and never inside a path or file name (runs/max_length/, block_size.txt)."""
     sub = next((a.choices.get(command) for a in parser._actions
                 if isinstance(a, argparse._SubParsersAction)), None)
     if sub is None:
@@ -591,7 +607,7 @@ def in_cli_terms(message: str, parser: argparse.ArgumentParser, command: str) ->
     for action in sub._actions:
         flags = [o for o in action.option_strings if o.startswith("--")]
         if flags and "_" in action.dest:
-            message = re.sub(rf"(?<![\w/.-]){re.escape(action.dest)}\b", flags[0], message)
+            message = re.sub(rf"(?<![\w/\\.-]){re.escape(action.dest)}(?![\w/\\-]|\.\w)", flags[0], message)
     if command in ("generate", "chat"):
         for phrase, flag in _CLI_PHRASES.items():
             message = message.replace(phrase, flag)

@@ -35,6 +35,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from pocketlm.config import MAX_SEED
 from pocketlm.errors import ConfigError, FormatError, NotFoundError, PocketLMError, TokenizerError
 from pocketlm.files import atomic_write_json, read_json, staged_folder
 from pocketlm.packing import trim_heap
@@ -205,21 +206,23 @@ def _fetch_shakespeare(folder: Path) -> None:
 # --- tokenizers for a corpus -------------------------------------------------------------------
 
 def char_tokenizer(texts: Iterable[str], eos_token: str = "<|endoftext|>"):
-    """A character-level tokenizer: one token per distinct character of the corpus (sorted), plus
-    the EOS token; characters it never saw become EOS's neighbour, an <unk> token."""
+    """A character-level tokenizer: one token per distinct character of the corpus (sorted), after
+    three special tokens: EOS, <unk> (what characters it never saw become) and the pad token, so
+    that batches pad out of the box as with a trained BPE."""
     import tokenizers
     from tokenizers import decoders, models
 
-    from pocketlm.tokenizer import Tokenizer
+    from pocketlm.tokenizer import PAD, Tokenizer
 
     chars: set[str] = set()
     for text in texts:
         chars.update(text)
-    vocab = {token: i for i, token in enumerate([eos_token, "<unk>", *sorted(chars)])}
+    special = list(dict.fromkeys([eos_token, "<unk>", PAD]))
+    vocab = {token: i for i, token in enumerate([*special, *sorted(chars - set(special))])}
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.add_special_tokens([eos_token, "<unk>"])
+    backend.add_special_tokens(special)
     backend.decoder = decoders.Fuse()
-    return Tokenizer(backend, eos_token=eos_token, bos_token=eos_token, unk_token="<unk>")
+    return Tokenizer(backend, eos_token=eos_token, bos_token=eos_token, unk_token="<unk>", pad_token=PAD)
 
 
 def train_tokenizer(sources: list[Source], *, vocab_size: int = 4096, char: bool = False,
@@ -274,9 +277,6 @@ class PrepareReport:
     unknown: int = 0  # tokens of the text that became the tokenizer's <unk> (characters it lacks)
 
 
-MAX_SEED = 2**63 - 1  # seeds are kept to what torch.Generator takes, here as in training
-
-
 def prepare(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, tokenizer=None,
             vocab_size: int = 4096, char: bool = False, val_frac: float = 0.1, seed: int = 1337,
             progress: bool = False) -> PrepareReport:
@@ -286,13 +286,13 @@ def prepare(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, toke
     it a byte-level BPE of `vocab_size` tokens (or, with char=True, a character-level one) is
     trained on the inputs. Each piece goes to validation with probability val_frac (seeded); if
     none did (one file, a few documents), validation is the tail of the text, val_frac of its
-    characters cut at a line break. Everything is written into a temporary folder and moved
+    characters cut at a line break (or a space). Everything is written into a temporary folder and moved
     into OUT at the end: a failure leaves OUT, and the folders above it, as they were."""
     from pocketlm.tokenizer import Tokenizer
 
     if not 0.0 <= val_frac < 1.0:
         raise ConfigError(f"--val-frac must be in [0, 1), got {val_frac}")
-    if not 0 <= seed <= MAX_SEED:
+    if not 0 <= seed <= MAX_SEED:  # what torch.Generator takes, as for training
         raise ConfigError(f"--seed must be in 0..2**63-1 (a 64-bit seed), got {seed}")
     sources = find_sources(inputs)
     with staged_folder(out) as staging, tempfile.TemporaryDirectory() as spool:
@@ -380,7 +380,7 @@ def _write_shards(sources, out: Path, tokenizer, val_frac, seed, progress) -> Pr
             bar.close()
     if tail:
         log.info("too few documents to split by document: validation is the last %s characters of the "
-                 "text (%.0f%%), cut at a line break", f"{tail:,}", 100 * tail / chars)
+                 "text (%.0f%%), cut at a line break or space", f"{tail:,}", 100 * tail / chars)
     if unknown:
         log.warning("%s characters not in the vocabulary became %s (the tokenizer never saw them); a "
                     "tokenizer trained on this text (leave out --tokenizer) knows them all",
@@ -411,26 +411,32 @@ def _pass_on(held, new, write):
 def _hold_out_tail(ids: list[int], text: str, want: int, trained: bool, encode, write, eos: int) -> int:
     """Validation from the end of the text: the last piece (`ids`, `text`, ending its document)
     whole when it is no longer than the `want` characters, else its last `want` or so characters,
-    cut at a line break where there is one. Returns how many characters validation got."""
+    cut at a line break (or a space) near there. Returns how many characters validation got."""
     if want >= len(text) and trained:
         write(ids, "val")
         return len(text)
     if len(text) < 2:
         raise DataError(f"the input holds {len(text)} character{'' if len(text) == 1 else 's'}: too little "
                         "text for both a training and a validation split; give more text")
-    cut = _line_start_near(text, len(text) - want)
+    cut = _cut_near(text, len(text) - want)
     write(encode(text[:cut]), "train")
     write([*encode(text[cut:]), eos], "val")
     return len(text) - cut
 
 
-def _line_start_near(text: str, target: int) -> int:
-    """The start of a line nearest `target`, strictly inside the text (so neither side is
-    empty); `target` itself, kept inside, when no line starts there."""
+def _cut_near(text: str, target: int) -> int:
+    """Where to split `text` near `target`, strictly inside it (neither side empty): the nearest
+    line start, else the nearest word start, else `target` itself. A start counts only within
+    half the tail's length of `target`, so that one early line break (a title line, then a text
+    without any) cannot hand validation nearly all of the text."""
     target = min(max(target, 1), len(text) - 1)
-    starts = [text.rfind("\n", 0, target) + 1, text.find("\n", target) + 1]
-    starts = [i for i in starts if 0 < i < len(text)]
-    return min(starts, key=lambda i: abs(i - target)) if starts else target
+    reach = max(1, (len(text) - target) // 2)
+    for separator in ("\n", " "):
+        starts = [text.rfind(separator, 0, target) + 1, text.find(separator, target) + 1]
+        starts = [i for i in starts if 0 < i < len(text) and abs(i - target) <= reach]
+        if starts:
+            return min(starts, key=lambda i: abs(i - target))
+    return target
 
 
 def _warn_if_short(counts: dict[str, int], chars: int, val_frac: float) -> None:

@@ -18,6 +18,15 @@ checkpoint's (transformers lets a stored max_new_tokens beat a max_length passed
 Processors and samplers are pure functions of (logits, history, settings, torch.Generator).
 Streaming never splits a UTF-8 character, holds back text that may be the start of a stop string,
 and its deltas concatenate to exactly the final text.
+
+The pieces, top to bottom: `GenerationConfig` (the settings, transformers' names, validation
+and lengths); the logits processors (`process_logits`: penalties, n-grams, bad words, minimum
+lengths) and samplers (`warp_logits`, `pick_tokens`); the results (`Completion`, `Chunk`,
+`GenerateOutput`, `transition_scores`) and `TextTracker` (ids → safe text deltas);
+`check_memory`, which refuses oversized requests before allocating; and the engine: a `Plan`
+lays a request out in rows, `Forward` prefills them into a KV cache and steps them (through
+packing.DecodeStep on CPU), and `Generator` runs greedy/sampled decoding (`_decode`) or beam
+search (`_beam_search`) over it.
 """
 
 from __future__ import annotations
@@ -161,8 +170,9 @@ class GenerationConfig:
             overrides.pop("do_sample", None)
             asked = [k for k in SAMPLING_KEYS if overrides.get(k) is not None]
             beams = overrides.get("num_beams", self.num_beams) or 1
-            if (overrides.get("num_return_sequences") or 1) > 1 and beams == 1:
-                asked.append(f"num_return_sequences={overrides['num_return_sequences']}")
+            many = overrides.get("num_return_sequences")
+            if isinstance(many, int) and many > 1 and beams == 1:  # (validate() judges other values)
+                asked.append(f"num_return_sequences={many}")
             if asked:
                 log.info("do_sample not given; sampling because %s was set (pass do_sample=False for greedy)",
                          ", ".join(asked))
@@ -220,6 +230,8 @@ class GenerationConfig:
             smallest = 1 if name in positive else 0
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < smallest):
                 raise ConfigError(f"{name} must be an integer ≥ {smallest}, got {value!r}")
+        if self.seed is not None and self.seed >= 2**64:  # torch.Generator keeps seeds in 64 bits
+            raise ConfigError(f"seed must be below 2**64, got {self.seed}")
         if self.logprobs is not None and self.logprobs > MAX_TOP_LOGPROBS:
             raise ConfigError(f"logprobs asks for {self.logprobs} alternatives; at most {MAX_TOP_LOGPROBS}")
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
@@ -268,7 +280,7 @@ class GenerationConfig:
                 raise ContextLengthError(
                     f"the prompt has {prompt_len} tokens, already at or past max_length={self.max_length} "
                     "(a total length, prompt included); set max_new_tokens instead to count only new "
-                    "tokens (CLI: --max-new-tokens)")
+                    "tokens")
         else:
             new = min(DEFAULT_NEW_TOKENS, window - prompt_len)
             if new <= 0:
@@ -277,7 +289,7 @@ class GenerationConfig:
         if prompt_len + new > window:
             raise ContextLengthError(f"{prompt_len} prompt tokens + {new} requested new tokens exceed the "
                                      f"model's context window of {window} tokens; shorten the prompt or "
-                                     "ask for fewer new tokens (max_new_tokens; CLI: --max-new-tokens)")
+                                     "ask for fewer new tokens (max_new_tokens)")
         return new
 
 
@@ -456,7 +468,9 @@ def transition_scores(sequences: torch.Tensor, scores: Sequence[torch.Tensor],
     if normalize_logits:
         stacked = stacked.float().log_softmax(-1)
     if beam_indices is None:  # one row per sequence, each step read from the sequence's own row
-        beam_indices = torch.arange(stacked.shape[1], device=stacked.device)[:, None].expand(-1, len(scores))
+        beam_indices = torch.arange(stacked.shape[1])[:, None].expand(-1, len(scores))
+    # generate returns the ids on the prompt's device, the scores on the model's
+    sequences, beam_indices = sequences.to(stacked.device), beam_indices.to(stacked.device)
     ended = beam_indices < 0
     steps = int((~ended).sum(-1).max())
     rows = beam_indices[:, :steps].clamp(min=0)
@@ -541,7 +555,7 @@ def check_memory(model: Transformer, prompts: int, per_prompt: int, length: int,
         return
     knob = "num_beams" if config.beams > 1 else "num_return_sequences"
     fix = "fewer beams (num_beams)" if config.beams > 1 else \
-        "fewer sequences (num_return_sequences; CLI: --num-return-sequences)"
+        "fewer sequences (num_return_sequences)"
     raise ConfigError(f"{prompts} prompt(s) × {per_prompt} ({knob}) = {rows:,} sequences of up to {length} tokens "
                       f"need {rows * per_row / 2**30:,.1f} GiB for the KV cache and logits, more than half of the "
                       f"{free / 2**30:,.1f} GiB available on {model.device}; ask for {fix}, fewer prompts at "
@@ -655,6 +669,8 @@ class Generator:
         """Complete one prompt (returns a Completion) or a batch (returns a list, the
         num_return_sequences completions of each prompt adjacent). Prompts are text or token ids.
         With num_beams > 1 the completions are the best beams, best first."""
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()  # (T,) one prompt, (B, T) a batch
         single = isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt))
         prompts = [prompt] if single else list(prompt)
         cfg = (config or self.config).updated(**overrides)
@@ -694,6 +710,12 @@ class Generator:
         (B * num_return_sequences, T + new), rows that stop early padded with pad_token_id; a
         GenerateOutput with return_dict_in_generate."""
         cfg = (config or self.config).updated(**overrides)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2) \
+                or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            got = f"shape {tuple(input_ids.shape)}, {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) \
+                else type(input_ids).__name__
+            raise ConfigError(f"input_ids must be a (batch, length) tensor of integer token ids, e.g. "
+                              f"tokenizer(text, return_tensors='pt').input_ids; got {got}")
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         if attention_mask is None:
@@ -728,8 +750,10 @@ class Generator:
         """Check the settings against the model, size the request, and refuse what cannot fit."""
         cfg.validate()
         config = self.model.config
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ConfigError("every prompt needs at least one token")
+        if not prompts:
+            raise ConfigError("no prompts to complete: the batch is empty")
+        if any(len(p) == 0 for p in prompts):
+            raise ConfigError("every prompt needs at least one token (with attention_mask, at least one 1 per row)")
         listed = [*(cfg.suppress_tokens or []), *(t for word in cfg.bad_words_ids or [] for t in word)]
         if any(t >= config.vocab_size for t in listed):
             raise ConfigError(f"suppress_tokens / bad_words_ids name token ids beyond the model's vocabulary "
@@ -944,11 +968,11 @@ class Generator:
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self._need_tokenizer().encode(prompt)
-        if isinstance(prompt, torch.Tensor):
-            return prompt.flatten().tolist()
+        if isinstance(prompt, torch.Tensor) and prompt.dim() == 1:
+            prompt = prompt.tolist()
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return prompt
-        raise ConfigError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
+        raise ConfigError(f"a prompt is a string or a list of token ids, got {str(prompt)[:60]}")
 
     def _need_tokenizer(self):
         if self.tokenizer is None:

@@ -393,6 +393,12 @@ class Transformer(nn.Module):
         config = self.config
         _check_input_ids(input_ids, config.vocab_size)
         B, T = input_ids.shape
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ConfigError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(input_ids.shape)}; "
+                              "labels are the input ids themselves (-100 where not scored), shifted inside")
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B):
+            raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}; it must be (batch, "
+                              f"positions) with the {B} rows of input_ids")
         cache = self._cache_for(cache, past_key_values, use_cache, B, T)
         past = cache.length if cache is not None else 0
         if position_ids is None:
@@ -446,6 +452,11 @@ class Transformer(nn.Module):
             raise ConfigError(f"past_key_values must be the cache an earlier call of this model returned "
                               f"(out.past_key_values), not a {type(cache).__name__}; pocketlm does not "
                               "read transformers' cache objects or tuples of tensors")
+        config = self.config
+        if (len(cache.keys), cache.keys[0].shape[1], cache.keys[0].shape[3]) != \
+                (config.n_layer, config.n_kv_head, config.head_dim):
+            raise ConfigError("this cache was made by a model of another shape (layers, key/value heads or head "
+                              "size); pass the cache this model's own earlier call returned")
         if cache.keys[0].shape[0] != B:
             raise ConfigError(f"the cache holds {cache.keys[0].shape[0]} rows but input_ids has {B}; "
                               "continue each batch with the cache its own earlier call returned")

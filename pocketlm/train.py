@@ -11,6 +11,13 @@ crash at any moment leaves the previous checkpoints as they were. `--resume` con
 newest complete one; on CPU with the same thread count it reproduces an uninterrupted run's
 losses bit for bit.
 
+One run at a time writes into a run folder (it holds a lock, OUT/.lock, while it runs), and every
+setting is checked before step 1 — the batch against the memory free on the device, the samples
+against the model's context — so a run that starts does not fail on a setting later. A run that
+ends before its first step takes away the folder it made; an error after it saves a checkpoint
+first. Ctrl-C or SIGTERM stops after the current step, with a checkpoint; a second one stops at
+once.
+
 Under `torchrun --nproc-per-node=N` the same Trainer runs data-parallel (DDP; gloo on CPU, nccl
 on GPU): every rank draws the same global batch and reads its own rows, rank 0 writes the logs
 and checkpoints.
@@ -168,7 +175,13 @@ class RunLock:
         self.held = False
         # the lock file goes while the lock is still held: see _acquire
         if remove_created and self.created is not None:
-            shutil.rmtree(self.created, ignore_errors=True)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            # the parents it made go only while empty: another run may have made a folder in one since
+            for parent in self.folder.absolute().parents:
+                if parent == self.created.parent:
+                    break
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
         else:
             self.path.unlink(missing_ok=True)
         if self.file is not None:
@@ -289,7 +302,7 @@ class Trainer:
             config = dataclasses.replace(
                 preset, vocab_size=len(self.tokenizer), dropout=c.dropout, eos_token_id=eos,
                 bos_token_id=self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else eos,
-                pad_token_id=None, max_position=max(c.block_size, preset.max_position if preset.pos != "learned"
+                pad_token_id=self.tokenizer.pad_token_id, max_position=max(c.block_size, preset.max_position if preset.pos != "learned"
                                                     else c.block_size))
             config.validate()
             with torch.device("meta"):  # the parameter count, before allocating any of them
@@ -719,8 +732,11 @@ class Trainer:
     # --- signals ---
 
     def _install_signal_handlers(self):
+        """SIGINT and SIGTERM ask the loop to stop after the step; a second one stops at once.
+        Returns the handlers they replace (None off the main thread, where none can be set)."""
         import threading
 
+        self._stop_signal = None  # a fit after a stopped one listens afresh
         if threading.current_thread() is not threading.main_thread():
             return None
 

@@ -96,3 +96,19 @@ def test_train_tokenizer_command(tmp_path, capsys):
     assert tokenizer.decode(tokenizer.encode("that is the question")) == "that is the question"
     assert "vocab" in _one_line_error(capsys, "train-tokenizer", str(text), "--vocab-size", "10",
                                       "--out", str(tmp_path / "x"))
+
+
+def test_train_tokenizer_gives_a_pad_token_with_the_special_tokens_given(tmp_path, capsys):
+    import transformers
+
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be, that is the question " * 200)
+    code, _, err = run(capsys, "train-tokenizer", str(text), "--vocab-size", "300", "--out", str(tmp_path / "tok"),
+                       "--special-tokens", "</s>", "<|user|>")
+    assert code == 0, err
+    ours = Tokenizer.from_pretrained(tmp_path / "tok")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert (ours.eos_token, ours.pad_token) == (theirs.eos_token, theirs.pad_token) == ("</s>", "<|pad|>")
+    assert [ours.convert_tokens_to_ids(t) for t in ("</s>", "<|user|>", "<|pad|>")] == [0, 1, 2]
+    batch = ["to be", "or not to be, that is"]
+    assert ours(batch, padding=True)["input_ids"] == theirs(batch, padding=True)["input_ids"]

@@ -112,6 +112,17 @@ def test_a_few_documents_hold_out_the_tail_and_a_tiny_text_says_what_is_missing(
         prepare([tmp_path / "one.txt"], tmp_path / "x", tokenizer=bpe)
 
 
+def test_a_text_without_line_breaks_near_the_cut_is_cut_at_a_space(tmp_path, bpe):
+    # a title line, then one long paragraph: the only line break must not hand validation it all
+    text = "TITLE\n" + words_text(100).replace("\n", " ")
+    (tmp_path / "t.txt").write_text(text)
+    report = prepare([tmp_path / "t.txt"], tmp_path / "out", tokenizer=bpe)
+    assert abs(report.val_tail_chars - 0.1 * len(text)) <= 10
+    val = np.asarray(TokenShard(tmp_path / "out", "val").tokens).tolist()
+    tail = bpe.decode(val, skip_special_tokens=True)
+    assert tail == text[-report.val_tail_chars:] and text[-len(tail) - 1] == " "  # a word start
+
+
 # --- 2 and 3. a failed run leaves --out as it was; --out that is a file fails first ---------------
 
 def test_failed_prepare_leaves_no_folder_behind(tmp_path, capsys, monkeypatch):
@@ -143,6 +154,23 @@ def test_out_naming_a_file_fails_before_any_work(tmp_path, capsys, monkeypatch):
     # convert checks OUT before it even looks for the model
     assert "already exists as a file" in one_line_error(capsys, "convert", tmp_path / "nothing.gguf", taken)
     assert taken.read_text() == "keep me"
+
+
+def test_prepare_again_into_the_same_folder_replaces_its_files_and_a_failure_keeps_them(tmp_path, capsys, bpe):
+    (tmp_path / "t.txt").write_text(words_text(40))
+    out = tmp_path / "data"
+    prepare([tmp_path / "t.txt"], out, tokenizer=bpe)
+    (out / "notes.txt").write_text("mine")
+    assert run(capsys, "prepare", tmp_path / "t.txt", "--out", out, "--char")[0] == 0  # as before: allowed
+    char = Tokenizer.from_pretrained(out)
+    assert len(char) < len(bpe) and (out / "notes.txt").read_text() == "mine"
+    for split in ("train", "val"):
+        TokenShard(out, split).check_tokenizer(char)  # the shards and the tokenizer are the new ones
+    before = tree(out)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    assert "not UTF-8" in one_line_error(capsys, "prepare", tmp_path / "latin1.txt", "--out", out)
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "latin1.txt", "t.txt"]  # no staging left
 
 
 def test_convert_refuses_a_folder_with_files_and_leaves_none_after_a_failure(tmp_path, capsys, monkeypatch, bpe):

@@ -52,7 +52,9 @@ def test_chat_skips_a_line_that_is_not_utf8_and_goes_on(folder, capsys, monkeypa
     code = main(["chat", str(folder), "--max-new-tokens", "4", "--greedy"])
     out, err = capsys.readouterr()
     assert code == 0 and "not UTF-8" in err and "Traceback" not in err
-    assert out.strip()  # the second line was answered
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hello there\n")))
+    assert main(["chat", str(folder), "--max-new-tokens", "4", "--greedy"]) == 0
+    assert out.strip() and out == capsys.readouterr().out  # the second line was answered, as if alone
 
 
 def test_a_closed_pipe_ends_quietly(folder):
@@ -116,3 +118,57 @@ def test_run_folders_resolve_without_the_trainer(folder, tmp_path):
         assert done.stdout.split() == ["step-0000001", "False"], done.stderr
     finally:
         (Path(folder) / "trainer_state.json").unlink()
+
+
+def test_flag_names_replace_settings_but_never_paths_or_words():
+    from pocketlm.cli import build_parser, in_cli_terms
+
+    parser = build_parser()
+    message = ("max_new_tokens=300 is past max_length; see runs/max_new_tokens/x, max_new_tokens.txt, "
+               "C:\\top_k\\y and my_top_k; the new tokens of top_k.")
+    assert in_cli_terms(message, parser, "generate") == (
+        "--max-new-tokens=300 is past max_length; see runs/max_new_tokens/x, max_new_tokens.txt, "
+        "C:\\top_k\\y and my_top_k; the new tokens of --top-k.")  # generate has no --max-length flag
+    assert in_cli_terms("block_size 9 and max_new_tokens", parser, "train") == "--block-size 9 and max_new_tokens"
+    assert in_cli_terms("do_sample=True", parser, "train") == "do_sample=True"  # train samples by its own rules
+
+
+def test_an_os_error_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from pocketlm import data
+
+    def full_disk(sources, out, *args):
+        (out / "train.bin").write_bytes(b"\0" * 64)
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "train.bin"))
+
+    (tmp_path / "a.txt").write_text("some text\n" * 50)
+    monkeypatch.setattr(data, "_write_shards", full_disk)
+    code, out, err = run(capsys, "prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "data"))
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("pocketlm: error: No space left on device: ") and "train.bin" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]  # no folder, no staging folder
+
+
+def test_num_beams_prints_the_generators_best_beams(folder, capsys):
+    beams = Generator(CausalLM.from_pretrained(folder), Tokenizer.from_pretrained(folder)).generate(
+        "the quick brown", max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False)
+    code, out, err = run(capsys, "generate", folder, "the quick brown", "--max-new-tokens", 6, "--num-beams", 3,
+                         "--num-return-sequences", 2)
+    assert code == 0, err
+    assert out == "".join(f"--- sequence {i} ---\n{c.text}\n" for i, c in enumerate(beams, 1))
+    assert "--show-probs" in one_line_error(capsys, "generate", str(folder), "hi", "--num-beams", "2", "--show-probs")
+
+
+def test_a_pickle_checkpoint_gets_advice_the_cli_user_can_follow(folder, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(folder, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    err = one_line_error(capsys, "info", str(pickled))
+    assert "pickle" in err and "pass allow_pickle" not in err and "in Python" in err

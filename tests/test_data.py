@@ -95,7 +95,10 @@ def test_char_tokenizer_round_trips():
     tok = char_tokenizer([text])
     ids = tok.encode(text, add_special_tokens=False)
     assert len(ids) == len(text) and tok.decode(ids) == text
-    assert len(tok) == len(set(text)) + 2  # characters + EOS + <unk>
+    assert len(tok) == len(set(text)) + 3  # characters + EOS + <unk> + <|pad|>
+    batch = tok(["To be", "or"], padding=True)  # a pad token of its own, as a trained BPE has
+    assert batch["input_ids"][1][2:] == [tok.pad_token_id] * 3 and tok.pad_token_id != tok.eos_token_id
+    assert batch["attention_mask"][1] == [1, 1, 0, 0, 0]
 
 
 def test_windows_and_batches_are_seeded_and_split_across_ranks(tmp_path, bpe):

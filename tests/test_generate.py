@@ -224,8 +224,10 @@ def test_logprobs_are_the_models_distribution(llama, tokenizer):
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(min_p=2.0), "min_p"),
     (dict(top_k=-1), "top_k"), (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(num_return_sequences=0), "num_return_sequences"),
+    (dict(num_return_sequences="3"), "num_return_sequences must be an integer"),
     (dict(stop=[""]), "stop"), (dict(logprobs=50), "at most"), (dict(eos_token_id=-3), "token ids"),
     (dict(do_sample=False, num_return_sequences=3), "do_sample=True"), (dict(beam_width=2), "unknown"),
+    (dict(do_sample=True, seed=2**64), "seed must be below 2\\*\\*64"),
 ])
 def test_invalid_settings_raise_config_error(llama, tokenizer, overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -252,6 +254,32 @@ def test_defaults_come_from_generation_config_json(tmp_path, llama, tokenizer):
     out = Generator(model, tokenizer).generate("The quick", seed=0)
     assert isinstance(out, Completion) and len(out.token_ids) <= 7
     assert Generator(model, tokenizer).config.sampling
+
+
+def test_prompts_as_tensors_and_malformed_input_ids(llama, tokenizer):
+    gen = Generator(llama, tokenizer)
+    ids = tokenizer.encode("The quick")
+    alone = gen.generate(ids, max_new_tokens=4, do_sample=False)
+    assert gen.generate(torch.tensor(ids), max_new_tokens=4, do_sample=False) == alone  # one prompt, not one per id
+    assert gen.generate(torch.tensor([ids, ids]), max_new_tokens=4, do_sample=False) == [alone, alone]
+    for bad, match in [([ids], "got list"), (torch.tensor([ids]).float(), "float32"), (torch.tensor([[ids]]), "shape"),
+                       (torch.empty(0, 3, dtype=torch.long), "batch is empty")]:
+        with pytest.raises(ConfigError, match=match):
+            llama.generate(bad, max_new_tokens=2)
+
+
+def test_plain_decoding_takes_the_packed_decode_step(llama, monkeypatch):
+    """On CPU every decode step of a Llama-family model, greedy, sampled or beam search, goes
+    through packing.DecodeStep: the fast path bench/generate.py measures."""
+    from pocketlm import packing
+
+    steps, real = [], packing.DecodeStep.__call__
+    monkeypatch.setattr(packing.DecodeStep, "__call__", lambda self, *a, **kw: steps.append(1) or real(self, *a, **kw))
+    gen = Generator(llama)
+    for settings in (dict(do_sample=False), dict(do_sample=True, seed=0), dict(num_beams=2, do_sample=False)):
+        steps.clear()
+        gen.generate_ids(torch.tensor([[3, 4, 5]]), max_new_tokens=5, eos_token_id=None, **settings)
+        assert len(steps) == 4, settings  # the prefill gives the first token, then one step per token
 
 
 def test_streamer_callback_receives_every_step(llama):

@@ -128,6 +128,18 @@ def test_foreign_or_mismatched_caches_are_refused(pair):
         cache = model(ids, use_cache=True).past_key_values
         with pytest.raises(ConfigError, match="holds 2 rows but input_ids has 1"):
             model(ids[:1, :1], past_key_values=cache)
+        other = KVCache(dataclasses.replace(model.config, n_layer=model.config.n_layer + 1), 2, 8)
+        with pytest.raises(ConfigError, match="another shape"):
+            model(ids[:, :1], past_key_values=other)
+
+
+def test_mask_and_labels_of_the_wrong_shape_are_clear_errors(pair):
+    model, _, _ = pair
+    ids = torch.randint(0, 96, (2, 5))
+    with pytest.raises(ConfigError, match="attention_mask has shape \\(3, 5\\)"):
+        model(ids, attention_mask=torch.ones(3, 5))
+    with pytest.raises(ConfigError, match="labels has shape \\(2, 4\\)"):
+        model(ids, labels=ids[:, :4])
 
 
 # --- model.config --------------------------------------------------------------------------------

@@ -1,44 +1,25 @@
 """`pocketlm train` on bad settings, signals, a second run, a finished run and failures: one clear
 line (exit 2) before any work, and never a lost step or a half-made run folder."""
 
-import csv
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import TINY
+from test_train import DOCS, _flags, _metrics, corpus  # noqa: F401  (corpus is a fixture)
 from pocketlm import train as train_module
 from pocketlm.api import CausalLM
 from pocketlm.checkpoint import complete_checkpoints
 from pocketlm.cli import main
 from pocketlm.config import ModelConfig, TrainConfig
-from pocketlm.data import DataError, char_tokenizer, prepare
+from pocketlm.data import DataError, prepare
 from pocketlm.errors import ConfigError
 from pocketlm.train import Trainer
-
-DOCS = [f"{i}: {'the quick brown fox jumps over the lazy dog. ' * (3 + i % 4)}\n" for i in range(40)]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, Path]:
-    """(data folder, model folder): char-level shards and a tiny Llama (rope, a 128-token
-    context) saved with the same tokenizer."""
-    root = tmp_path_factory.mktemp("corpus")
-    src = root / "docs.jsonl"
-    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    tok = char_tokenizer(DOCS)
-    prepare([src], root / "data", tokenizer=tok, val_frac=0.2, seed=0)
-    config = ModelConfig(**{**TINY["llama-gqa-tied"], "vocab_size": len(tok), "eos_token_id": tok.eos_token_id})
-    torch.manual_seed(0)
-    CausalLM.from_config(config).save_pretrained(root / "model", tokenizer=tok)
-    return root / "data", root / "model"
 
 
 def _config(corpus, out, **kw) -> TrainConfig:
@@ -58,11 +39,6 @@ def _one_error_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pocketlm: error: "), err
     return lines[0]
-
-
-def _metrics(run: Path) -> dict[int, dict[str, str]]:
-    with open(run / "metrics.csv", newline="") as f:
-        return {int(r["step"]): r for r in csv.DictReader(f)}
 
 
 # --- 1 and 8: every setting checked before any work, named as the flag -----------------------------
@@ -271,6 +247,16 @@ def test_a_run_that_fails_before_step_1_leaves_no_folder(corpus, tmp_path, monke
         Trainer(_config(corpus, tmp_path / "mine")).fit()
     assert list((tmp_path / "mine").iterdir()) == []
 
+    # two runs start in a new folder; the one that made it fails, and the other one's folder stays
+    failing = Trainer(_config(corpus, tmp_path / "exp" / "a"))
+    other = Trainer(_config(corpus, tmp_path / "exp" / "b", max_steps=2, sample_tokens=0))
+    with pytest.raises(RuntimeError):
+        failing.fit()
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["b"]
+    monkeypatch.undo()
+    other.fit()
+    assert complete_checkpoints(tmp_path / "exp" / "b" / "checkpoints")
+
 
 def test_an_out_that_is_a_file_is_refused(corpus, capsys, tmp_path):
     (tmp_path / "file").write_text("keep me")
@@ -318,11 +304,39 @@ def test_a_gguf_model_needs_shards_of_its_own_tokenizer(corpus, tmp_path, monkey
     assert complete_checkpoints(tmp_path / "run" / "checkpoints")
 
 
-def _flags(config: TrainConfig) -> list[str]:
-    flags = []
-    for name, value in vars(config).items():
-        if isinstance(value, bool):
-            flags.append(f"--{'' if value else 'no-'}{name.replace('_', '-')}")
-        else:
-            flags += [f"--{name.replace('_', '-')}", str(value)]
-    return flags
+# --- 9: a model built from a preset takes the tokenizer's pad token, where transformers reads it ----
+
+def test_a_preset_model_takes_the_tokenizers_pad_token(corpus, tmp_path):
+    import torch
+    import transformers
+
+    from pocketlm.tokenizer import Tokenizer
+
+    Trainer(_config(corpus, tmp_path / "run", model="baby", max_steps=1, sample_tokens=0)).fit()
+    saved = complete_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    tokenizer = Tokenizer.from_pretrained(corpus[0])
+    assert tokenizer.pad_token_id not in (None, tokenizer.eos_token_id)
+    ours = CausalLM.from_pretrained(saved)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(saved).eval()
+    assert ours.config.pad_token_id == theirs.config.pad_token_id == tokenizer.pad_token_id
+    assert theirs.generation_config.pad_token_id == tokenizer.pad_token_id
+    ids = torch.randint(0, ours.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-4)
+
+
+def test_a_fit_after_a_stopped_one_trains_on(corpus, tmp_path, monkeypatch):
+    real = Trainer._train_step
+
+    def ctrl_c_at_step_2(self):
+        if self.step == 1 and not getattr(self, "_interrupted", False):
+            self._interrupted = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", ctrl_c_at_step_2)
+    trainer = Trainer(_config(corpus, tmp_path / "run", max_steps=4, sample_tokens=0))
+    trainer.fit()
+    assert trainer.step == 2  # stopped after the step, with a checkpoint
+    trainer.fit()  # in a notebook: run the cell again
+    assert trainer.step == 4 and sorted(_metrics(tmp_path / "run")) == [1, 2, 3, 4]
