@@ -32,16 +32,10 @@ def libraries() -> dict[str, types.SimpleNamespace]:
     import transformers
 
     import pocketlm
-    from pocketlm.generate import GenerationConfig
 
-    return {
-        "transformers": types.SimpleNamespace(AutoTokenizer=transformers.AutoTokenizer,
-                                              AutoModelForCausalLM=transformers.AutoModelForCausalLM,
-                                              GenerationConfig=transformers.GenerationConfig),
-        "pocketlm": types.SimpleNamespace(AutoTokenizer=pocketlm.AutoTokenizer,
-                                          AutoModelForCausalLM=pocketlm.AutoModelForCausalLM,
-                                          GenerationConfig=GenerationConfig),
-    }
+    names = ("AutoTokenizer", "AutoModelForCausalLM", "GenerationConfig", "TextStreamer")
+    return {"transformers": types.SimpleNamespace(**{n: getattr(transformers, n) for n in names}),
+            "pocketlm": types.SimpleNamespace(**{n: getattr(pocketlm, n) for n in names})}
 
 
 def make_checkpoints(folder: Path) -> dict[str, Path]:
@@ -212,6 +206,20 @@ def model_calls():
         reloaded = lib.AutoModelForCausalLM.from_pretrained(target)
         return sum(p.sum() for p in reloaded.parameters()).item()
 
+    def streamed(skip_prompt):
+        def call(lib, folder, _):
+            tok, model = _load(lib, folder)
+
+            class Collect(lib.TextStreamer):  # what TextStreamer would print, kept
+                def on_finalized_text(self, text, stream_end=False):
+                    self.parts = [*getattr(self, "parts", []), text]
+
+            streamer = Collect(tok, skip_prompt=skip_prompt, skip_special_tokens=True)
+            model.generate(**_ids(tok), max_new_tokens=10, do_sample=False, streamer=streamer,
+                           pad_token_id=tok.eos_token_id)
+            return "".join(streamer.parts)
+        return call
+
     def gen(**kw):
         def call(lib, folder, _):
             tok, model = _load(lib, folder)
@@ -264,6 +272,8 @@ def model_calls():
         "generate(do_sample=True, top_k=50, top_p=0.9, num_return_sequences=2) (shape)": lambda lib, f, _: tuple(
             gen(max_new_tokens=6, do_sample=True, top_k=50, top_p=0.9, num_return_sequences=2,
                 min_new_tokens=6)(lib, f, _).shape),
+        "generate(streamer=TextStreamer(tok))": streamed(skip_prompt=False),
+        "generate(streamer=TextStreamer(tok, skip_prompt=True))": streamed(skip_prompt=True),
         "save_pretrained(max_shard_size='200KB')": save_sharded,
         "save_pretrained(safe_serialization=False) then reload": save_not_safe,
     }

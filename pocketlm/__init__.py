@@ -19,6 +19,8 @@ _LAZY = {
     "GPT2Tokenizer": "api",
     "GPT2LMHeadModel": "api",
     "LlamaForCausalLM": "api",
+    "GenerationConfig": "generate",
+    "TextStreamer": "generate",
     "PocketLMError": "errors",
     "ConfigError": "errors",
     "FormatError": "errors",

@@ -138,8 +138,9 @@ class CausalLM(Transformer):
         Settings come from the call, then `generation_config` (ours, a dict, or transformers'
         GenerationConfig), then `model.generation_config`. When `do_sample` is not passed, an
         explicit temperature/top_k/top_p/min_p or several return sequences without beams mean
-        sampling (see pocketlm.generate). `streamer` receives each step's new tokens: an object
-        with put(tokens)/end() as in transformers, or a callable. `tokenizer` is needed for
+        sampling (see pocketlm.generate). `streamer` is an object with put(tokens)/end() as in
+        transformers (TextStreamer), which gets the prompt first and then each step's new tokens,
+        or a callable, which gets only the new tokens. `tokenizer` is needed for
         `stop_strings`. `use_cache` is accepted and changes nothing: pocketlm always decodes
         from its KV cache."""
         if input_ids is None:
@@ -153,6 +154,8 @@ class CausalLM(Transformer):
         on_tokens = None
         if streamer is not None:
             on_tokens = streamer.put if hasattr(streamer, "put") else streamer
+            if hasattr(streamer, "put"):  # a transformers-style streamer takes the prompt first
+                streamer.put(torch.as_tensor(input_ids).cpu())
         out = Generator(self, tokenizer).generate_ids(input_ids, attention_mask, on_tokens=on_tokens, **kwargs)
         if hasattr(streamer, "end"):
             streamer.end()

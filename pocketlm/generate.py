@@ -479,6 +479,44 @@ def transition_scores(sequences: torch.Tensor, scores: Sequence[torch.Tensor],
     return picked.masked_fill(ended[:, :steps], 0.0)
 
 
+class TextStreamer:
+    """Prints what `model.generate(..., streamer=TextStreamer(tokenizer))` decides as it decides
+    it, as transformers' TextStreamer does: generate hands it the prompt first (skipped with
+    skip_prompt=True), then each step's new token. Text is printed as soon as it is whole (never
+    half a UTF-8 character); subclass and override on_finalized_text to send it elsewhere.
+    decode_kwargs (e.g. skip_special_tokens=True) go to tokenizer.decode."""
+
+    def __init__(self, tokenizer, skip_prompt: bool = False, **decode_kwargs):
+        self.tokenizer, self.skip_prompt, self.decode_kwargs = tokenizer, skip_prompt, decode_kwargs
+        self.token_cache: list[int] = []
+        self.printed = 0
+        self.next_tokens_are_prompt = True
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1 and value.shape[0] > 1:
+            raise ConfigError("TextStreamer follows one sequence; generate a batch of one, or stream with "
+                              "Generator.stream")
+        prompt, self.next_tokens_are_prompt = self.next_tokens_are_prompt, False
+        if prompt and self.skip_prompt:
+            return
+        self.token_cache.extend(value.flatten().tolist())
+        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        whole = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence decodes to U+FFFD for now
+        if whole > self.printed:
+            self.on_finalized_text(text[self.printed:whole])
+            self.printed = whole
+
+    def end(self) -> None:
+        """The rest of the text (at most a held-back broken character), and a newline."""
+        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs) if self.token_cache else ""
+        rest = text[self.printed:]
+        self.token_cache, self.printed, self.next_tokens_are_prompt = [], 0, True
+        self.on_finalized_text(rest, stream_end=True)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        print(text, flush=True, end="" if not stream_end else None)
+
+
 class TextTracker:
     """Turns one sequence's new token ids into safe text deltas: never half a UTF-8 character,
     never text that may turn out to start a stop string, and never the stop string itself."""

@@ -297,3 +297,28 @@ def test_cli_num_return_sequences_too_many_is_a_one_line_error(folder, capsys):
     err = one_line_error(capsys, "generate", folder, "the quick", "--num-return-sequences", 10**9,
                          "--max-new-tokens", 4)
     assert "--num-return-sequences" in err
+
+
+def test_text_streamer_never_prints_half_a_character_and_prints_the_whole_text(folder, capsys):
+    from pocketlm import TextStreamer
+    from pocketlm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(folder)
+    text = "café 🙂 naïve"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # some characters span several byte tokens
+    streamer = TextStreamer(tok, skip_prompt=True)
+    streamer.put(torch.tensor([[1, 2]]))  # the prompt, skipped
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+        assert "\ufffd" not in capsys.readouterr().out.replace("\n", "")
+    streamer.end()
+    out = capsys.readouterr().out
+    assert "\ufffd" not in out
+    streamer = TextStreamer(tok)  # the same ids, printed one at a time, join to the text
+    parts = []
+    streamer.on_finalized_text = lambda t, stream_end=False: parts.append(t)
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert "".join(parts) == tok.decode(ids) == text
