@@ -33,7 +33,7 @@ def libraries() -> dict[str, types.SimpleNamespace]:
 
     import pocketlm
 
-    names = ("AutoTokenizer", "AutoModelForCausalLM", "GenerationConfig", "TextStreamer")
+    names = ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM", "GenerationConfig", "TextStreamer")
     return {"transformers": types.SimpleNamespace(**{n: getattr(transformers, n) for n in names}),
             "pocketlm": types.SimpleNamespace(**{n: getattr(pocketlm, n) for n in names})}
 
@@ -254,6 +254,9 @@ def model_calls():
         "config.hidden_size, num_hidden_layers, max_position_embeddings, vocab_size": lambda lib, f, _: (
             lambda c: (c.hidden_size, c.num_hidden_layers, c.max_position_embeddings, c.vocab_size,
                        c.num_attention_heads))(_load(lib, f)[1].config),
+        "AutoConfig.from_pretrained(path), then AutoModelForCausalLM.from_config(config)": lambda lib, f, _: (
+            lambda c: (c.hidden_size, c.num_hidden_layers, c.vocab_size, c.model_type,
+                       lib.AutoModelForCausalLM.from_config(c).num_parameters()))(lib.AutoConfig.from_pretrained(f)),
         "num_parameters(), get_input_embeddings()": lambda lib, f, _: (
             lambda m: (m.num_parameters(), m.get_input_embeddings().weight.shape))(_load(lib, f)[1]),
         "resize_token_embeddings(n)": resize,

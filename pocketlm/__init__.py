@@ -16,6 +16,7 @@ _LAZY = {
     "Tokenizer": "tokenizer",
     "AutoTokenizer": "api",
     "AutoModelForCausalLM": "api",
+    "AutoConfig": "api",
     "GPT2Tokenizer": "api",
     "GPT2LMHeadModel": "api",
     "LlamaForCausalLM": "api",

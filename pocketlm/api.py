@@ -264,6 +264,31 @@ class AutoModelForCausalLM:
         raise TypeError("use AutoModelForCausalLM.from_pretrained(path) or .from_config(config)")
 
 
+class AutoConfig:
+    """Entry point as in transformers; returns the `ModelConfig` of a checkpoint, which answers
+    transformers' attribute names (hidden_size, num_hidden_layers, ...) and goes to
+    `AutoModelForCausalLM.from_config` for an untrained model of that shape."""
+
+    def __init__(self):
+        raise TypeError("use AutoConfig.from_pretrained(path)")
+
+    @staticmethod
+    def from_pretrained(path: str | Path | registry.ModelRef, *, revision: str | None = None,
+                        local_files_only: bool = False, trust_remote_code: bool = False,
+                        cache_dir: str | Path | None = None, **unknown) -> ModelConfig:
+        """The config of a local checkpoint folder, run folder, GGUF file or pulled registry name
+        (the keywords as in AutoModelForCausalLM.from_pretrained)."""
+        _refuse_unknown("AutoConfig.from_pretrained", unknown, AutoConfig.from_pretrained)
+        _check_revision(revision)
+        ref = registry.resolve(path)
+        if ref.kind == "gguf":
+            from pocketlm.gguf import GGUFFile, config_from_gguf
+
+            with GGUFFile(ref.path) as f:
+                return config_from_gguf(f)
+        return checkpoint.load_config(ref.path)
+
+
 class AutoTokenizer:
     """Entry point as in transformers; returns a `Tokenizer`."""
 

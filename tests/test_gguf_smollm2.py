@@ -136,3 +136,13 @@ def test_perplexity_agrees_with_the_transformers_method(ours, theirs):
     reference = math.exp(nll_sum / n_tokens)
     got = perplexity(ours[0], ids[0], max_length=max_length, stride=stride).perplexity
     assert abs(got - reference) / reference < 0.01, (got, reference)
+
+
+def test_auto_config_of_the_gguf_answers_as_transformers_config(smollm2_gguf, theirs):
+    from pocketlm import AutoConfig
+
+    mine, reference = AutoConfig.from_pretrained(smollm2_gguf), theirs[0].config
+    for name in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings"):
+        assert getattr(mine, name) == getattr(reference, name), name
+    assert mine.rope_theta == reference.rope_parameters["rope_theta"]
