@@ -203,11 +203,26 @@ def _prompt_text(prompt: str) -> str:
         except UnicodeDecodeError as e:
             raise ConfigError(f"stdin is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); "
                               "convert it first, e.g. with `iconv -t UTF-8`") from None
-    try:
-        prompt.encode("utf-8")  # undecodable argv bytes arrive as lone surrogates
-    except UnicodeEncodeError:
-        raise ConfigError("PROMPT is not UTF-8 text; pass UTF-8, or pipe the text in with PROMPT '-'") from None
-    return prompt
+    return prompt  # main() checked that it is UTF-8 text
+
+
+# arguments that are text for the model (paths may be any bytes the file system allows)
+TEXT_ARGUMENTS = {"prompt": "PROMPT", "system": "--system", "stop": "--stop", "sample_prompt": "--sample-prompt",
+                  "special_tokens": "--special-tokens"}
+
+
+def check_text_arguments(args) -> None:
+    """Undecodable bytes on the command line arrive as lone surrogates, which no tokenizer takes:
+    say which argument is not UTF-8 text instead."""
+    for dest, name in TEXT_ARGUMENTS.items():
+        value = getattr(args, dest, None)
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ConfigError(f"{name} is not UTF-8 text; pass UTF-8"
+                                      + (", or pipe the text in with PROMPT '-'" if dest == "prompt" else "")) from None
 
 
 def format_probabilities(logprobs) -> str:
@@ -567,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        check_text_arguments(args)
         return args.func(args)
     except PocketLMError as e:
         if args.debug:

@@ -41,7 +41,11 @@ def test_generate_without_max_new_tokens_answers_within_the_window(folder, capsy
 
 def test_a_prompt_that_is_not_utf8_is_one_line(folder, capsys, monkeypatch):
     err = one_line_error(capsys, "generate", str(folder), "caf\udce9")  # argv byte 0xe9 alone
-    assert "UTF-8" in err
+    assert "PROMPT is not UTF-8" in err
+    err = one_line_error(capsys, "generate", str(folder), "hi", "--chat", "--system", "caf\udce9")
+    assert "--system is not UTF-8" in err
+    err = one_line_error(capsys, "generate", str(folder), "hi", "--stop", "a", "--stop", "\udcff")
+    assert "--stop is not UTF-8" in err
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\n")))
     err = one_line_error(capsys, "generate", str(folder), "-")
     assert "stdin is not UTF-8" in err and "0xe9" in err
