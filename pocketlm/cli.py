@@ -91,7 +91,9 @@ def cmd_train_tokenizer(args) -> int:
     from pocketlm.files import staged_folder
 
     sources = find_sources(args.files)  # read as `prepare` reads them: folders, .jsonl, '-'
-    with staged_folder(args.out) as folder:  # an --out that is a file fails here, before training
+    from pocketlm.tokenizer import TOKENIZER_FILES
+
+    with staged_folder(args.out, replaces=TOKENIZER_FILES) as folder:  # an --out that is a file fails here
         tokenizer = train_tokenizer(sources, vocab_size=args.vocab_size, special_tokens=tuple(args.special_tokens),
                                     progress=sys.stderr.isatty())
         tokenizer.save_pretrained(folder)

@@ -288,14 +288,14 @@ def prepare(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, toke
     none did (one file, a few documents), validation is the tail of the text, val_frac of its
     characters cut at a line break (or a space). Everything is written into a temporary folder and moved
     into OUT at the end: a failure leaves OUT, and the folders above it, as they were."""
-    from pocketlm.tokenizer import Tokenizer
+    from pocketlm.tokenizer import TOKENIZER_FILES, Tokenizer
 
     if not 0.0 <= val_frac < 1.0:
         raise ConfigError(f"--val-frac must be in [0, 1), got {val_frac}")
     if not 0 <= seed <= MAX_SEED:  # what torch.Generator takes, as for training
         raise ConfigError(f"--seed must be in 0..2**63-1 (a 64-bit seed), got {seed}")
     sources = find_sources(inputs)
-    with staged_folder(out) as staging, tempfile.TemporaryDirectory() as spool:
+    with staged_folder(out, replaces=TOKENIZER_FILES) as staging, tempfile.TemporaryDirectory() as spool:
         if any(s.path == "-" for s in sources) and (tokenizer is None):
             # the tokenizer is trained in a first pass, and stdin cannot be read twice: spool it to disk
             spooled = Path(spool) / "stdin.txt"

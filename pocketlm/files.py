@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -87,11 +87,14 @@ def fsync_dir(directory: Path) -> None:
 
 
 @contextmanager
-def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
+def staged_folder(path: str | os.PathLike, replaces: Collection[str] = ()) -> Iterator[Path]:
     """Yield an empty temporary folder to fill in place of the folder `path`. When the block
     succeeds, what it holds moves into `path` (the folder is renamed into place when `path` does
     not exist yet, else entry by entry, each rename atomic); when it fails, the temporary folder
-    goes, so `path` and the folders above it are left as they were — no empty folder behind."""
+    goes, so `path` and the folders above it are left as they were — no empty folder behind.
+    `replaces` names files of an earlier output in `path` that the new one stands in for: those
+    the new one lacks are removed (a stale chat_template.jinja would otherwise win over the new
+    tokenizer's template)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path} is a file, and the output must be a folder; choose another --out")
@@ -110,8 +113,11 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
                     os.fsync(f.fileno())
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            for entry in staging.iterdir():
-                os.replace(entry, path / entry.name)
+            written = {entry.name for entry in staging.iterdir()}
+            for name in written:
+                os.replace(staging / name, path / name)
+            for name in set(replaces) - written:
+                (path / name).unlink(missing_ok=True)
         else:
             os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; give it a new folder's mode
             os.replace(staging, path)

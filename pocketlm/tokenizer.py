@@ -41,6 +41,9 @@ PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "special_tokens_mask": 1
 CLEANUP_REPLACEMENTS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# every file a tokenizer folder may hold: writing a new tokenizer over an old one replaces them all
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", CHAT_TEMPLATE_FILE,
+                   "vocab.json", "merges.txt")
 # transformers writes int(1e30) to mean "no limit"; no real context window comes near this.
 _NO_LIMIT_THRESHOLD = 10**9
 MAX_TRAINED_VOCAB = 1_000_000

@@ -161,9 +161,11 @@ def test_prepare_again_into_the_same_folder_replaces_its_files_and_a_failure_kee
     out = tmp_path / "data"
     prepare([tmp_path / "t.txt"], out, tokenizer=bpe)
     (out / "notes.txt").write_text("mine")
+    (out / "chat_template.jinja").write_text("{{ messages }}")  # would win over the new tokenizer's config
     assert run(capsys, "prepare", tmp_path / "t.txt", "--out", out, "--char")[0] == 0  # as before: allowed
     char = Tokenizer.from_pretrained(out)
     assert len(char) < len(bpe) and (out / "notes.txt").read_text() == "mine"
+    assert char.chat_template is None and not (out / "chat_template.jinja").exists()
     for split in ("train", "val"):
         TokenShard(out, split).check_tokenizer(char)  # the shards and the tokenizer are the new ones
     before = tree(out)
