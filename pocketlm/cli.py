@@ -89,10 +89,9 @@ def cmd_convert(args) -> int:
 def cmd_train_tokenizer(args) -> int:
     from pocketlm.data import find_sources, train_tokenizer
     from pocketlm.files import staged_folder
-
-    sources = find_sources(args.files)  # read as `prepare` reads them: folders, .jsonl, '-'
     from pocketlm.tokenizer import TOKENIZER_FILES
 
+    sources = find_sources(args.files)  # read as `prepare` reads them: folders, .jsonl, '-'
     with staged_folder(args.out, replaces=TOKENIZER_FILES) as folder:  # an --out that is a file fails here
         tokenizer = train_tokenizer(sources, vocab_size=args.vocab_size, special_tokens=tuple(args.special_tokens),
                                     progress=sys.stderr.isatty())
@@ -519,6 +518,7 @@ def cmd_train(args) -> int:
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     trainer = Trainer(config)
     last = trainer.fit()  # empty for a --resume of a finished run: fit said so, and exit status is 0
+    trainer.dist.close()
     if trainer.dist.main and last:
         print(f"train loss {last['train_loss']:.4f}, validation loss {last['val_loss']:.4f}; "
               f"checkpoints in {trainer.checkpoints}")

@@ -111,6 +111,16 @@ class Distributed:
 
             dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group together once the run is done: a rank that exits while the
+        group's communication threads still run can be aborted on its way out."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+
 
 # --- the run folder's lock -----------------------------------------------------------------------
 
