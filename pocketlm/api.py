@@ -12,6 +12,7 @@ models come from `from_config` with a `ModelConfig` or a preset name.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from pathlib import Path
@@ -23,14 +24,15 @@ from pocketlm import checkpoint, registry
 from pocketlm.config import ModelConfig, resolve_device
 from pocketlm.errors import ConfigError
 from pocketlm.generate import GenerateOutput, GenerationConfig, Generator, transition_scores
-from pocketlm.model import Transformer, check_attn_implementation
+from pocketlm.model import SequenceClassifier, Transformer, check_attn_implementation
 from pocketlm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-class CausalLM(Transformer):
-    """A `Transformer` with `from_pretrained`, `save_pretrained` and `generate`."""
+class PretrainedModel:
+    """`from_pretrained`, `from_config` and `save_pretrained` for the model classes below, which
+    put it before their Transformer (CausalLM, SequenceClassification)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -52,7 +54,7 @@ class CausalLM(Transformer):
                         allow_pickle: bool = False, device_map=None, attn_implementation: str | None = None,
                         revision: str | None = None, trust_remote_code: bool = False,
                         local_files_only: bool = False, low_cpu_mem_usage: bool | None = None,
-                        cache_dir: str | Path | None = None, **unknown) -> "CausalLM":
+                        cache_dir: str | Path | None = None, _adapt_config=None, **unknown) -> "CausalLM":
         """Load a local checkpoint folder, a GGUF file (dequantized, float32 unless `dtype` says
         otherwise) or a pulled registry model by name. `torch_dtype` is an alias of `dtype`;
         "auto" keeps the stored dtype.
@@ -64,7 +66,7 @@ class CausalLM(Transformer):
         pocketlm never downloads while loading and always reads one tensor at a time; nor does
         `trust_remote_code`: pocketlm never runs code from a checkpoint. All of it is checked
         before a weight is read; an unknown keyword is a ConfigError that lists these."""
-        _refuse_unknown("from_pretrained", unknown, cls.from_pretrained)
+        _refuse_unknown("from_pretrained", unknown, cls.from_pretrained, PretrainedModel.from_pretrained)
         device = _load_device(device, device_map)
         dtype = _one_dtype(dtype, torch_dtype)
         attn_implementation = check_attn_implementation(attn_implementation)
@@ -73,6 +75,9 @@ class CausalLM(Transformer):
             log.warning("trust_remote_code=True changes nothing: pocketlm never runs code from a checkpoint, "
                         "it loads the gpt2, llama and pocketlm architectures with its own")
         ref = registry.resolve(path)
+        if ref.kind == "gguf" and _adapt_config is not None:
+            raise ConfigError(f"{cls.__name__} does not load GGUF files yet; load the model as a checkpoint "
+                              "folder (config.json + model.safetensors)")
         if ref.kind == "gguf":
             from pocketlm.gguf import GGUFFile
 
@@ -80,7 +85,7 @@ class CausalLM(Transformer):
                 model = cls._from_gguf(f, device=device, dtype=dtype)
         else:
             model = checkpoint.load_pretrained(ref.path, device=device, dtype=dtype,
-                                               allow_pickle=allow_pickle, cls=cls)
+                                               allow_pickle=allow_pickle, cls=cls, adapt_config=_adapt_config)
             model.generation_config = checkpoint.read_generation_config(ref.path)
         model.attn_implementation = attn_implementation
         return model
@@ -128,6 +133,10 @@ class CausalLM(Transformer):
         return checkpoint.save_pretrained(self, folder, tokenizer=tokenizer,
                                           generation_config=self.generation_config.to_dict(),
                                           max_shard_size=max_shard_size)
+
+
+class CausalLM(PretrainedModel, Transformer):
+    """A `Transformer` with `from_pretrained`, `save_pretrained` and `generate`."""
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  generation_config=None, streamer=None, tokenizer: Tokenizer | None = None,
@@ -224,12 +233,13 @@ def _one_dtype(dtype, torch_dtype):
     return dtype if dtype is not None else torch_dtype
 
 
-def _refuse_unknown(method: str, unknown: dict[str, Any], bound) -> None:
-    """A keyword pocketlm does not know is an error that names the ones it does, rather than a
-    TypeError, or being ignored silently."""
+def _refuse_unknown(method: str, unknown: dict[str, Any], *bound) -> None:
+    """A keyword pocketlm does not know is an error that names the ones it does (those of every
+    function in `bound`: a subclass's own and those it passes on), rather than a TypeError, or
+    being ignored silently."""
     if unknown:
-        params = list(inspect.signature(bound).parameters.values())[1:]  # after the path
-        known = [p.name for p in params if p.kind is not p.VAR_KEYWORD]
+        params = [p for b in bound for p in list(inspect.signature(b).parameters.values())[1:]]  # after the path
+        known = dict.fromkeys(p.name for p in params if p.kind is not p.VAR_KEYWORD and not p.name.startswith("_"))
         raise ConfigError(f"{method}() does not know the keyword(s) {', '.join(sorted(unknown))}; "
                           f"it takes {', '.join(known)}")
 
@@ -262,6 +272,83 @@ class AutoModelForCausalLM:
 
     def __init__(self):
         raise TypeError("use AutoModelForCausalLM.from_pretrained(path) or .from_config(config)")
+
+
+class SequenceClassification(PretrainedModel, SequenceClassifier):
+    """A `SequenceClassifier` (score head on the last non-pad token, see pocketlm.model) with
+    `from_pretrained`, `from_config` and `save_pretrained`, as transformers'
+    AutoModelForSequenceClassification: its folders load there with the same logits, and back.
+
+    Label keywords set the head: `num_labels` (labels LABEL_0.. LABEL_{n-1}), or `id2label` /
+    `label2id` with the names, and `problem_type`; a checkpoint's own labels are kept when none
+    are given. A checkpoint without a score head (a causal LM) gets a freshly initialised one,
+    with a warning. When the config has no pad token, EOS serves as pad and is recorded as
+    config.pad_token_id (no new token: the embeddings keep their size)."""
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, num_labels: int | None = None,
+                        id2label: dict | None = None, label2id: dict | None = None,
+                        problem_type: str | None = None, **kwargs) -> "SequenceClassification":
+        """Load as PretrainedModel.from_pretrained (same keywords), with the label keywords above."""
+        labels = _label_settings(num_labels, id2label, label2id, problem_type)
+        return super().from_pretrained(path, _adapt_config=lambda config: _classifier_config(config, labels),
+                                       **kwargs)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig | str | dict, *, num_labels: int | None = None,
+                    id2label: dict | None = None, label2id: dict | None = None,
+                    problem_type: str | None = None, **kwargs) -> "SequenceClassification":
+        """A randomly initialised classifier (as PretrainedModel.from_config) with the label keywords above."""
+        if isinstance(config, str):
+            config = ModelConfig.preset(config)
+        elif isinstance(config, dict):
+            config = ModelConfig.from_hf_config(config)
+        labels = _label_settings(num_labels, id2label, label2id, problem_type)
+        return super().from_config(_classifier_config(config, labels), **kwargs)
+
+
+def _label_settings(num_labels, id2label, label2id, problem_type) -> dict[str, Any]:
+    """The config fields the label keywords set (those given)."""
+    if num_labels is not None and (not isinstance(num_labels, int) or isinstance(num_labels, bool)
+                                   or num_labels < 1):
+        raise ConfigError(f"num_labels must be a positive integer, got {num_labels!r}")
+    if id2label is None and label2id is not None:
+        id2label = {i: label for label, i in dict(label2id).items()}
+    if id2label is not None and num_labels is not None and len(id2label) != num_labels:
+        raise ConfigError(f"num_labels={num_labels} but id2label names {len(id2label)} labels; pass one of them")
+    if id2label is None and num_labels is not None:
+        id2label = {i: f"LABEL_{i}" for i in range(num_labels)}  # transformers' default names
+    settings = {"problem_type": problem_type} if problem_type is not None else {}
+    if id2label is not None:
+        settings.update(id2label=id2label, label2id=label2id)
+    return settings
+
+
+def _classifier_config(config: ModelConfig, labels: dict[str, Any]) -> ModelConfig:
+    """`config` with the label settings applied, labels LABEL_0, LABEL_1 when it has none, and EOS
+    as the pad token when it has no pad token."""
+    config = dataclasses.replace(config, **labels)  # validated again, label ids included
+    if config.id2label is None:
+        config = dataclasses.replace(config, id2label={0: "LABEL_0", 1: "LABEL_1"})
+    if config.pad_token_id is None and config.eos_token_ids:
+        log.info("the model has no pad token: using EOS (id %d) as pad, as config.pad_token_id",
+                 config.eos_token_ids[0])
+        config = dataclasses.replace(config, pad_token_id=config.eos_token_ids[0])
+    return config
+
+
+class AutoModelForSequenceClassification:
+    """Entry point as in transformers; returns a `SequenceClassification`."""
+
+    from_pretrained = SequenceClassification.from_pretrained
+    from_config = SequenceClassification.from_config
+
+    def __init__(self):
+        raise TypeError("use AutoModelForSequenceClassification.from_pretrained(path, num_labels=...) "
+                        "or .from_config(config, num_labels=...)")
+
+
+GPT2ForSequenceClassification = LlamaForSequenceClassification = AutoModelForSequenceClassification
 
 
 class AutoConfig:

@@ -130,7 +130,7 @@ def _write_checkpoint(model: Transformer, folder: Path, tokenizer, generation_co
     gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
            "pad_token_id": model.config.pad_token_id, **(generation_config or {})}
     atomic_write_json(folder / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
-    hf = model.config.to_hf_config()
+    hf = model.config.to_hf_config(model.head)
     hf["dtype"] = str(model.dtype).removeprefix("torch.")
     atomic_write_json(folder / "config.json", hf)
 
@@ -140,7 +140,7 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     config = model.config
     ours = {k: standalone(v.detach()) for k, v in model.state_dict().items()}
     if config.tie_embeddings:
-        ours.pop("lm_head.weight")
+        ours.pop("lm_head.weight", None)  # a classifier has no lm_head at all
     if config.family != "gpt2":
         return ours
     out = {}
@@ -155,7 +155,7 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         out[hf_prefix + "attn.c_attn.weight"] = torch.cat((q, k, v), 0).t().contiguous()
         q, k, v = (ours.pop(f"{prefix}self_attn.{p}_proj.bias") for p in "qkv")
         out[hf_prefix + "attn.c_attn.bias"] = torch.cat((q, k, v), 0).contiguous()
-    out.update(ours)  # lm_head.weight when untied
+    out.update(ours)  # lm_head.weight when untied, or a classifier's score.weight
     return out
 
 
@@ -226,13 +226,16 @@ def resolve_folder(path: str | Path) -> Path:
 
 
 def load_pretrained(path: str | Path, device=None, dtype=None, allow_pickle: bool = False,
-                    cls: type[Transformer] = Transformer) -> Transformer:
+                    cls: type[Transformer] = Transformer, adapt_config=None) -> Transformer:
     """Load a checkpoint folder into `cls`, validating every tensor against the config.
 
     dtype: None or a torch dtype / name ("float32", "bf16", ...) or "auto" for the stored dtype.
+    adapt_config: a function from the folder's config to the one to build (e.g. a classifier's labels).
     """
     folder = resolve_folder(path)
     config = load_config(folder)
+    if adapt_config is not None:
+        config = adapt_config(config)
     check_tokenizer_fits(folder, config)
     on_cpu = device is None or torch.device(device).type == "cpu"
     raw = _read_weights(folder, allow_pickle, output_head_names(config) if on_cpu else ())
@@ -251,6 +254,14 @@ def model_from_tensors(cls: type[Transformer], config: ModelConfig, tensors: dic
         model = cls(config)
     expected = model.state_dict()
     optional = {"lm_head.weight"} if config.tie_embeddings else set()
+    tensors = {k: v for k, v in tensors.items() if k not in cls.ignored_on_load}
+    fresh = sorted(cls.new_on_load - set(tensors))
+    if fresh:
+        # as transformers does for a head the checkpoint lacks: normal(0, initializer_range)
+        log.warning("%s: %s newly initialised (the checkpoint has no such head); train the model before "
+                    "using its predictions", where, ", ".join(fresh))
+        tensors.update({name: torch.empty(expected[name].shape).normal_(0.0, config.initializer_range)
+                        for name in fresh})
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
         raise FormatError(f"{where}: tensors not in a {config.family} model with this config: "

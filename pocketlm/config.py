@@ -59,6 +59,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # a sequence classifier's labels (None for a causal LM): id2label {0: "negative", ...} and its
+    # inverse, and transformers' problem_type ("single_label_classification", "regression",
+    # "multi_label_classification"; None: inferred from the labels at the first loss)
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    problem_type: str | None = None
 
     # Settings transformers' code reads and sets on model.config that are not part of the
     # architecture: class-level defaults, so they stay out of fields, to_dict and config.json.
@@ -76,6 +82,10 @@ class ModelConfig:
             self.head_dim = self.n_embd // self.n_head
         if self.intermediate_size is None and isinstance(self.n_embd, int):
             self.intermediate_size = 4 * self.n_embd
+        if self.id2label is not None:
+            self.id2label = _int_keys(self.id2label)  # JSON writes the ids as strings
+            if self.label2id is None:
+                self.label2id = {label: i for i, label in self.id2label.items()}
         self.validate()
 
     def validate(self) -> None:
@@ -108,6 +118,10 @@ class ModelConfig:
         for value in self.eos_token_ids:
             if not (isinstance(value, int) and 0 <= value < self.vocab_size):
                 raise ConfigError(f"eos_token_id={value!r} is not an id in the vocabulary (0..{self.vocab_size - 1})")
+        if self.id2label is not None and sorted(self.id2label) != list(range(len(self.id2label))):
+            raise ConfigError(f"id2label must number its labels 0..n-1, got ids {sorted(self.id2label)}")
+        if self.problem_type not in (None, *PROBLEM_TYPES):
+            raise ConfigError(f"problem_type={self.problem_type!r} is not one of {PROBLEM_TYPES}")
 
     # --- derived facts -------------------------------------------------------------------------
 
@@ -116,6 +130,11 @@ class ModelConfig:
         if self.eos_token_id is None:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
+    @property
+    def num_labels(self) -> int:
+        """How many classes a sequence classifier scores (2 when no labels are set, as in transformers)."""
+        return len(self.id2label) if self.id2label else 2
 
     @property
     def family(self) -> str:
@@ -183,8 +202,17 @@ class ModelConfig:
         raise ConfigError(f"unknown architecture model_type={model_type!r}; pocketlm loads "
                           "'gpt2', 'llama' and 'pocketlm' checkpoints")
 
-    def to_hf_config(self) -> dict[str, Any]:
-        """The `config.json` dict for this config, in its family's own Hugging Face layout."""
+    def to_hf_config(self, head: str = "causal-lm") -> dict[str, Any]:
+        """The `config.json` dict for this config, in its family's own Hugging Face layout, for a
+        model with `head` "causal-lm" or "sequence-classification" (which adds the label fields)."""
+        hf = self._hf_fields()
+        hf["architectures"] = [_ARCHITECTURES[head][hf["model_type"]]]
+        if self.id2label is not None:  # string ids, as transformers writes them
+            hf.update(id2label={str(i): label for i, label in self.id2label.items()},
+                      label2id=self.label2id, problem_type=self.problem_type)
+        return hf
+
+    def _hf_fields(self) -> dict[str, Any]:
         common = {"vocab_size": self.vocab_size, "initializer_range": self.initializer_range,
                   "tie_word_embeddings": self.tie_embeddings, "bos_token_id": self.bos_token_id,
                   "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
@@ -204,7 +232,29 @@ class ModelConfig:
                     "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
                     "attention_bias": self.bias, "mlp_bias": self.bias,
                     "attention_dropout": self.dropout}
-        return {"model_type": "pocketlm", "architectures": ["PocketLMForCausalLM"], **self.to_dict()}
+        fields = {k: v for k, v in self.to_dict().items() if k not in ("id2label", "label2id", "problem_type")}
+        return {"model_type": "pocketlm", "architectures": ["PocketLMForCausalLM"], **fields}
+
+
+PROBLEM_TYPES = ("single_label_classification", "regression", "multi_label_classification")
+_ARCHITECTURES = {
+    "causal-lm": {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "pocketlm": "PocketLMForCausalLM"},
+    "sequence-classification": {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
+                                "pocketlm": "PocketLMForSequenceClassification"},
+}
+
+
+def _int_keys(id2label) -> dict[int, str]:
+    try:
+        return {int(i): str(label) for i, label in dict(id2label).items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"id2label must map class ids to label names, e.g. {{0: 'negative', 1: 'positive'}}, "
+                          f"got {id2label!r}") from None
+
+
+def _labels(hf: dict[str, Any]) -> dict[str, Any]:
+    """The label fields of a config.json (none in a causal LM's)."""
+    return {k: hf.get(k) for k in ("id2label", "label2id", "problem_type")}
 
 
 def _from_gpt2(hf: dict[str, Any]) -> ModelConfig:
@@ -220,7 +270,7 @@ def _from_gpt2(hf: dict[str, Any]) -> ModelConfig:
         norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", act=_HF_ACT[act],
         pos="learned", bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
         initializer_range=hf.get("initializer_range", 0.02),
-        **_special_ids(hf))
+        **_special_ids(hf), **_labels(hf))
 
 
 def _from_llama(hf: dict[str, Any]) -> ModelConfig:
@@ -245,7 +295,7 @@ def _from_llama(hf: dict[str, Any]) -> ModelConfig:
         rope_theta=float(rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))),
         bias=bool(hf.get("attention_bias", False)), tie_embeddings=hf.get("tie_word_embeddings", False),
         initializer_range=hf.get("initializer_range", 0.02),
-        **_special_ids(hf))
+        **_special_ids(hf), **_labels(hf))
 
 
 def _special_ids(hf: dict[str, Any]) -> dict[str, Any]:

@@ -270,22 +270,30 @@ class Backbone(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only Transformer with an LM head. `forward` follows transformers' semantics."""
+    """Decoder-only Transformer with an LM head. `forward` follows transformers' semantics.
+    Other heads (SequenceClassifier) subclass it, replacing `add_head` and `forward`."""
+
+    head = "causal-lm"  # names the architecture in config.json (ModelConfig.to_hf_config)
+    new_on_load: frozenset[str] = frozenset()  # head weights a checkpoint may lack: freshly initialised
+    ignored_on_load: frozenset[str] = frozenset()  # another head's weights, dropped when loading
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.add_head(config)
         self.attn_implementation = "sdpa"  # or "eager": see set_attn_implementation
         self.tie_weights()
-        if self.lm_head.weight.device.type != "meta":  # a model built to be loaded into needs no init
+        if self.model.embed_tokens.weight.device.type != "meta":  # a model built to be loaded into needs no init
             self.apply(self._init_weights)
+
+    def add_head(self, config: ModelConfig) -> None:
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
 
     def tie_weights(self) -> None:
         """Share the input embedding with the output projection when the config says so.
         Call again after replacing parameters (e.g. loading with assign=True)."""
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and self.get_output_embeddings() is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def _init_weights(self, module):
@@ -352,9 +360,11 @@ class Transformer(nn.Module):
             embedding = self.model.embed_tokens
             embedding.weight = self._resized(embedding.weight, rows, mean_resizing)
             embedding.num_embeddings = rows
-            if not self.config.tie_embeddings:
-                self.lm_head.weight = self._resized(self.lm_head.weight, rows, mean_resizing)
-            self.lm_head.out_features = rows
+            head = self.get_output_embeddings()
+            if head is not None and not self.config.tie_embeddings:
+                head.weight = self._resized(head.weight, rows, mean_resizing)
+            if head is not None:
+                head.out_features = rows
             self.config.vocab_size = rows
             self.tie_weights()
         return self.model.embed_tokens
@@ -390,16 +400,38 @@ class Transformer(nn.Module):
         adds each layer's input and the final normed output (n_layer + 1 tensors);
         output_attentions adds each layer's weights from eager_attention; return_dict=False
         returns out.to_tuple()."""
-        config = self.config
-        _check_input_ids(input_ids, config.vocab_size)
+        _check_input_ids(input_ids, self.config.vocab_size)
         B, T = input_ids.shape
         if labels is not None and labels.shape != input_ids.shape:
             raise ConfigError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(input_ids.shape)}; "
                               "labels are the input ids themselves (-100 where not scored), shifted inside")
+        cache = self._cache_for(cache, past_key_values, use_cache, B, T)
+        x, hidden, attentions = self.final_hidden_states(input_ids, attention_mask, position_ids, cache,
+                                                         logits_to_keep, output_hidden_states, output_attentions)
+        logits = self.lm_head(x)  # (B, T, V)
+
+        loss = None
+        if labels is not None:
+            # position t predicts token t+1: the maximum-likelihood objective, mean -log p(w_i | w_<i)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        out = CausalLMOutput(loss=loss, logits=logits, cache=cache, hidden_states=hidden, attentions=attentions)
+        return out if return_dict or return_dict is None else out.to_tuple()
+
+    def final_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                            position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                            logits_to_keep: int = 0, output_hidden_states: bool = False,
+                            output_attentions: bool = False) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+        """The backbone every head reads: the final-norm hidden states (B, T, C) (the last
+        `logits_to_keep` positions when nonzero), each layer's input plus that output when
+        output_hidden_states, and each layer's attention weights when output_attentions (else
+        None). Appends to `cache` when given. Arguments as in forward."""
+        config = self.config
+        _check_input_ids(input_ids, config.vocab_size)
+        B, T = input_ids.shape
         if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B):
             raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}; it must be (batch, "
                               f"positions) with the {B} rows of input_ids")
-        cache = self._cache_for(cache, past_key_values, use_cache, B, T)
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
@@ -425,17 +457,8 @@ class Transformer(nn.Module):
             x = self.model.norm(x)
             hidden.append(x)  # the last hidden state is the normed one, as in transformers
             x = x[:, -logits_to_keep:] if logits_to_keep else x
-        logits = self.lm_head(x)  # (B, T, V)
-
-        loss = None
-        if labels is not None:
-            # position t predicts token t+1: the maximum-likelihood objective, mean -log p(w_i | w_<i)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
-        out = CausalLMOutput(loss=loss, logits=logits, cache=cache,
-                             hidden_states=tuple(hidden) if hidden is not None else None,
-                             attentions=tuple(attentions) if output_attentions else None)
-        return out if return_dict or return_dict is None else out.to_tuple()
+        return (x, tuple(hidden) if hidden is not None else None,
+                tuple(attentions) if output_attentions else None)
 
     def _cache_for(self, cache, past_key_values, use_cache, B: int, T: int) -> KVCache | None:
         """The cache this call appends to: the one passed (as cache= or past_key_values=), grown
@@ -492,6 +515,85 @@ class Transformer(nn.Module):
         else:
             rope = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, x.dtype)
         return self.model.dropout(x), rope
+
+
+@dataclass(eq=False)
+class SequenceClassifierOutput(CausalLMOutput):
+    """What SequenceClassifier.forward returns: logits (B, num_labels), the loss when labels were
+    given, and hidden states / attentions when asked; `cache` stays None."""
+
+
+class SequenceClassifier(Transformer):
+    """The backbone with transformers' sequence-classification head: a bias-free `score` linear
+    layer (n_embd → num_labels) read at each row's last token, and no LM head.
+
+    The last token is the rightmost position whose id is not config.pad_token_id, as
+    transformers pools: this handles right and left padding alike, and a text that ends in EOS
+    when EOS is also the pad token is read at the token before that EOS."""
+
+    head = "sequence-classification"
+    new_on_load = frozenset({"score.weight"})  # a causal-LM checkpoint has no score head yet
+    ignored_on_load = frozenset({"lm_head.weight"})
+
+    def add_head(self, config: ModelConfig) -> None:
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+
+    def get_output_embeddings(self) -> None:
+        return None  # no vocabulary projection to tie or resize
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                return_dict: bool | None = True, **unused) -> SequenceClassifierOutput | tuple:
+        """input_ids (B, T) and attention_mask (B, T) as in Transformer.forward; labels (B,) class
+        ids, (B,) or (B, 1) targets for regression, or (B, num_labels) 0/1 floats for
+        multi-label. `use_cache` and other keywords transformers' callers pass are ignored."""
+        B = input_ids.shape[0] if input_ids.dim() else 0
+        pad = self.config.pad_token_id
+        if pad is None and B != 1:
+            raise ConfigError(f"a batch of {B} rows needs config.pad_token_id to find each row's last token; "
+                              "set model.config.pad_token_id (e.g. to the tokenizer's pad or EOS id)")
+        x, hidden, attentions = self.final_hidden_states(input_ids, attention_mask, position_ids, None, 0,
+                                                         output_hidden_states, output_attentions)
+        logits = self.score(x[torch.arange(B, device=x.device), last_token_positions(input_ids, pad)])
+        loss = None if labels is None else self.classification_loss(logits, labels)
+        out = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=hidden, attentions=attentions)
+        return out if return_dict or return_dict is None else out.to_tuple()
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss for config.problem_type; when unset it is inferred (and recorded in the config)
+        as transformers does: regression for one label, else single-label for integer labels and
+        multi-label for float ones."""
+        config, n = self.config, self.config.num_labels
+        labels = labels.to(logits.device)
+        if config.problem_type is None:
+            integer = labels.dtype in (torch.long, torch.int)
+            config.problem_type = ("regression" if n == 1 else
+                                   "single_label_classification" if integer else "multi_label_classification")
+        if config.problem_type == "regression":
+            if n == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+            return F.mse_loss(logits, labels.to(logits.dtype))
+        if config.problem_type == "single_label_classification":
+            if labels.numel() != logits.shape[0] or labels.is_floating_point():
+                raise ConfigError(f"single-label classification takes one integer class id per row "
+                                  f"({logits.shape[0]} of them), got labels of shape {tuple(labels.shape)} "
+                                  f"and dtype {labels.dtype}")
+            return F.cross_entropy(logits.view(-1, n), labels.view(-1), ignore_index=-100)
+        if labels.shape != logits.shape:
+            raise ConfigError(f"multi-label classification takes labels of shape {tuple(logits.shape)} "
+                              f"(0/1 per class), got {tuple(labels.shape)}")
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def last_token_positions(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Each row's rightmost position whose id is not pad_token_id (B,); the last position when no
+    pad id is set; position 0 for a row of nothing but padding (as transformers pools)."""
+    B, T = input_ids.shape
+    if pad_token_id is None:
+        return torch.full((B,), T - 1, device=input_ids.device)
+    positions = torch.arange(T, device=input_ids.device)
+    return (positions * (input_ids != pad_token_id)).argmax(-1)
 
 
 # transformers' names for attention kernels pocketlm does not ship. Its "sdpa" path already runs
