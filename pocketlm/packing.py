@@ -159,11 +159,11 @@ def pack_linears(model: nn.Module, include: Callable[[str], bool] | None = None)
     for name, module in model.named_modules():
         if include is not None and not include(name):
             continue
-        if type(module) is Attention and module.q_proj.weight.device.type == "cpu":
+        if type(module) is Attention and _plain_cpu(module.q_proj, module.k_proj, module.v_proj):
             module.fused_qkv = FusedWeights([module.q_proj, module.k_proj, module.v_proj])
             module.__class__ = FastAttention
             trim_heap()
-        elif type(module) is MLP and module.swiglu and module.up_proj.weight.device.type == "cpu":
+        elif type(module) is MLP and module.swiglu and _plain_cpu(module.gate_proj, module.up_proj):
             module.fused_gate_up = FusedWeights([module.gate_proj, module.up_proj])
             module.__class__ = FastMLP
             trim_heap()
@@ -174,6 +174,11 @@ def pack_linears(model: nn.Module, include: Callable[[str], bool] | None = None)
             module.__class__ = FastLinear
             changed += 1
     return changed
+
+
+def _plain_cpu(*linears: nn.Module) -> bool:
+    # a projection wrapped by another module (a LoRA adapter) must run itself, never a fused copy
+    return all(isinstance(m, nn.Linear) and m.weight.device.type == "cpu" for m in linears)
 
 
 def unpack_linears(model: nn.Module) -> int:
@@ -254,7 +259,8 @@ class DecodeStep:
             attn, mlp = block.self_attn, block.mlp
             if not (isinstance(attn, FastAttention) and isinstance(mlp, FastMLP)
                     and attn.fused_qkv.serves([attn.q_proj, attn.k_proj, attn.v_proj])
-                    and mlp.fused_gate_up.serves([mlp.gate_proj, mlp.up_proj])):
+                    and mlp.fused_gate_up.serves([mlp.gate_proj, mlp.up_proj])
+                    and _plain_cpu(attn.o_proj, mlp.down_proj)):
                 return None
         return cls(model)
 
