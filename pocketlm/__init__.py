@@ -23,6 +23,7 @@ _LAZY = {
     "AutoModelForSequenceClassification": "api",
     "GPT2ForSequenceClassification": "api",
     "LlamaForSequenceClassification": "api",
+    "pipeline": "pipelines",
     "GenerationConfig": "generate",
     "TextStreamer": "generate",
     "PocketLMError": "errors",

@@ -432,3 +432,13 @@ class AutoTokenizer:
 GPT2Tokenizer = AutoTokenizer
 GPT2LMHeadModel = AutoModelForCausalLM
 LlamaForCausalLM = AutoModelForCausalLM
+
+
+def __getattr__(name):
+    # `from pocketlm.api import pipeline` as in transformers; pipelines imports this module, so it
+    # loads on first use rather than at import (the imports stay one-directional)
+    if name == "pipeline":
+        from pocketlm.pipelines import pipeline
+
+        return pipeline
+    raise AttributeError(f"module 'pocketlm.api' has no attribute {name!r}")
