@@ -160,11 +160,10 @@ class CausalLM(PretrainedModel, Transformer):
         kwargs.pop("use_cache", None)
         if generation_config is not None:
             kwargs = {**GenerationConfig.of(generation_config).explicit(), **kwargs}
-        on_tokens = None
-        if streamer is not None:
-            on_tokens = streamer.put if hasattr(streamer, "put") else streamer
-            if hasattr(streamer, "put"):  # a transformers-style streamer takes the prompt first
-                streamer.put(torch.as_tensor(input_ids).cpu())
+        on_tokens = streamer  # a callable, or None
+        if hasattr(streamer, "put"):  # a transformers-style streamer takes the prompt first
+            streamer.put(torch.as_tensor(input_ids).cpu())
+            on_tokens = streamer.put
         out = Generator(self, tokenizer).generate_ids(input_ids, attention_mask, on_tokens=on_tokens, **kwargs)
         if hasattr(streamer, "end"):
             streamer.end()

@@ -325,13 +325,9 @@ def _load_tokenizer(ref: str | os.PathLike):
     from pocketlm import registry
     from pocketlm.api import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(ref)
-    except NotFoundError:
-        if Path(ref).expanduser().exists() or str(ref) in registry.MODELS:
-            raise  # it names something, and the error says what is missing
-        raise NotFoundError(f"--tokenizer {str(ref)!r} not found: give a tokenizer folder or tokenizer.json, "
-                            "a checkpoint or training run folder, a .gguf file or a registry name") from None
+    return AutoTokenizer.from_pretrained(registry.resolve(
+        ref, unknown=f"--tokenizer {str(ref)!r} not found: give a tokenizer folder or tokenizer.json, "
+                     "a checkpoint or training run folder, a .gguf file or a registry name"))
 
 
 def _write_shards(sources, out: Path, tokenizer, val_frac, seed, progress) -> PrepareReport:

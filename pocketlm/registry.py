@@ -96,9 +96,10 @@ class ModelRef:
         return str(self.path)
 
 
-def resolve(model: "str | os.PathLike | ModelRef") -> ModelRef:
+def resolve(model: "str | os.PathLike | ModelRef", unknown: str | None = None) -> ModelRef:
     """What a reference names: a path as given, the newest complete checkpoint of a training run
-    folder, or the local file of a pulled registry name. NotFoundError when it names nothing."""
+    folder, or the local file of a pulled registry name. NotFoundError when it names nothing,
+    with `unknown` as its message when given (a CLI flag says what it takes)."""
     if isinstance(model, ModelRef):
         return model
     from pocketlm.checkpoint import is_run_folder, newest_checkpoint, not_local_message
@@ -116,7 +117,7 @@ def resolve(model: "str | os.PathLike | ModelRef") -> ModelRef:
             raise NotFoundError(f"{given!r} is a registry model that is not pulled yet; run `pocketlm pull {given}`")
         path = local_path(given)
     if not path.exists():
-        raise NotFoundError(not_local_message(given))
+        raise NotFoundError(unknown or not_local_message(given))
     kind = "folder" if path.is_dir() else "gguf" if _starts_with_gguf_magic(path) else "file"
     return ModelRef(given=given, path=path, kind=kind)
 

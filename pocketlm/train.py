@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from pocketlm import registry
 from pocketlm.checkpoint import CHECKPOINTS, STATE_JSON, complete_checkpoints, newest_checkpoint
 from pocketlm.config import TrainConfig, resolve_device
-from pocketlm.errors import ConfigError, NotFoundError, PocketLMError
+from pocketlm.errors import ConfigError, PocketLMError
 from pocketlm.files import atomic_path, atomic_write_json, fsync_dir, read_json
 
 log = logging.getLogger(__name__)
@@ -299,13 +299,9 @@ class Trainer:
         c = self.config
         source = resume_from
         if source is None and c.model not in PRESETS:
-            try:
-                source = registry.resolve(c.model)
-            except NotFoundError:
-                if Path(c.model).expanduser().exists() or c.model in registry.MODELS:
-                    raise  # it names something, and the error says what is missing
-                raise NotFoundError(f"--model {c.model!r} is neither a preset ({', '.join(PRESETS)}) nor a "
-                                    "checkpoint folder, run folder, GGUF file or registry name") from None
+            source = registry.resolve(c.model, unknown=f"--model {c.model!r} is neither a preset "
+                                      f"({', '.join(PRESETS)}) nor a checkpoint folder, run folder, GGUF file "
+                                      "or registry name")
         if source is None:
             preset = ModelConfig.preset(c.model)
             eos = self.tokenizer.eos_token_id

@@ -139,15 +139,19 @@ def test_pocketlm_adapter_loads_in_peft_and_peft_adapter_loads_in_pocketlm(name,
     saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert saved["task_type"] == "CAUSAL_LM" and saved["base_model_name_or_path"] == str(tmp_path / "base")
 
-    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    _moves_both_ways(ours, tmp_path, transformers.AutoModelForCausalLM, CausalLM)
+
+
+def _moves_both_ways(ours, tmp_path, theirs_class, ours_class):
+    """The adapter in tmp_path/ours (on the base in tmp_path/base) gives peft ours's logits, and
+    peft's own save, with its own key names, loads onto a fresh pocketlm base with them too."""
+    base = theirs_class.from_pretrained(tmp_path / "base")
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "ours").eval()
     with torch.no_grad():
         expected = theirs(IDS).logits
         _close(ours(IDS).logits, expected)
-
-    # and back: peft's own save, with its own key names, loads onto a fresh pocketlm base
     theirs.save_pretrained(tmp_path / "theirs")
-    back = load_adapter(CausalLM.from_pretrained(tmp_path / "base").eval(), tmp_path / "theirs")
+    back = load_adapter(ours_class.from_pretrained(tmp_path / "base").eval(), tmp_path / "theirs")
     with torch.no_grad():
         _close(back(IDS).logits, expected)
 
@@ -175,16 +179,8 @@ def test_seq_cls_adapter_with_score_head_moves_both_ways(name, targets, tmp_path
     save_adapter(ours, tmp_path / "ours", str(tmp_path / "base"))
     assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
 
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
-    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "ours").eval()
-    with torch.no_grad():
-        expected = theirs(IDS).logits
-        _close(ours(IDS).logits, expected)
-    theirs.save_pretrained(tmp_path / "theirs")
-    back = load_adapter(AutoModelForSequenceClassification.from_pretrained(tmp_path / "base").eval(),
-                        tmp_path / "theirs")
-    with torch.no_grad():
-        _close(back(IDS).logits, expected)
+    _moves_both_ways(ours, tmp_path, transformers.AutoModelForSequenceClassification,
+                     AutoModelForSequenceClassification)
 
 
 def test_an_adapter_for_another_base_is_refused_and_leaves_the_model_as_it_was(tmp_path):
