@@ -33,6 +33,7 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
 CHECKPOINTS = "checkpoints"  # a training run folder keeps its checkpoints here, one folder per step
 STATE_JSON = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
+BEST_JSON = "best.json"  # in a fine-tune run folder: {"checkpoint": "step-NNNNNNN", "metric", "value", "step"}
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -191,6 +192,20 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 def newest_checkpoint(folder: Path) -> Path | None:
     done = complete_checkpoints(folder)
     return done[-1] if done else None
+
+
+def best_checkpoint(run: Path) -> Path | None:
+    """The checkpoint a fine-tune run marked best (run/best.json), when it is complete; None for a
+    pretraining run (no mark) or a mark whose checkpoint is gone."""
+    mark = run / BEST_JSON
+    if not mark.is_file():
+        return None
+    raw = read_json(mark, "best-checkpoint mark")
+    name = raw.get("checkpoint") if isinstance(raw, dict) else None
+    if not isinstance(name, str) or not _STEP_DIR.fullmatch(name):
+        raise FormatError(f"{mark}: 'checkpoint' must name a step-NNNNNNN folder, got {name!r}")
+    folder = run / CHECKPOINTS / name
+    return folder if (folder / STATE_JSON).is_file() else None
 
 
 def is_run_folder(path: Path) -> bool:

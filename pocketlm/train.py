@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from pocketlm import registry
-from pocketlm.checkpoint import CHECKPOINTS, STATE_JSON, complete_checkpoints, newest_checkpoint
+from pocketlm.checkpoint import (BEST_JSON, CHECKPOINTS, STATE_JSON, best_checkpoint, complete_checkpoints,
+                                 newest_checkpoint)
 from pocketlm.config import TrainConfig, resolve_device
 from pocketlm.errors import ConfigError, PocketLMError
 from pocketlm.files import atomic_path, atomic_write_json, fsync_dir, read_json
@@ -211,88 +212,66 @@ def _first_missing(folder: Path) -> Path | None:
 
 # --- the trainer -------------------------------------------------------------------------------
 
-class Trainer:
-    """Pretraining by maximum likelihood: minimise mean −log p(token | the tokens before it)."""
+class Task:
+    """What a Trainer trains for, plugged into its one loop: the model it starts from, its batches
+    (next / state / restore, so a resume continues exactly), the loss of a batch and what an
+    evaluation measures. Pretraining is one task; the fine-tuning tasks are in pocketlm.finetune.
 
-    def __init__(self, config: TrainConfig):
+    An evaluation returns sums (a loss total, a count, a confusion matrix ...) rather than means,
+    so the ranks of a distributed run add theirs up before `summarize` turns them into metrics."""
+
+    metrics: tuple[str, ...] = ()  # metrics.csv columns after step, train_loss, val_loss, lr, tokens_per_s
+    best: str | None = None  # the metric whose highest value marks the best checkpoint (RUN/best.json)
+    tokenizer: Any
+    batches: Any  # next(), state() -> tensor, restore(tensor)
+
+    def build_model(self, trainer: "Trainer", resume_from: Path | None) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def check(self, trainer: "Trainer") -> None:
+        """Checks that need the model (context, vocabulary), before step 1."""
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        """The loss of a batch and the tokens it trained on (for tokens/s)."""
+        raise NotImplementedError
+
+    def evaluation_sums(self, model, autocast) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def summarize(self, sums: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Sums → metrics: at least val_loss."""
+        return {"val_loss": float(sums["loss"]) / max(float(sums["count"]), 1.0)}
+
+    def sample(self, trainer: "Trainer") -> str | None:
+        return None
+
+    def save(self, model, folder: Path) -> None:
+        model.save_pretrained(folder, tokenizer=self.tokenizer)
+
+    def report(self, metrics: dict[str, Any]) -> list[str]:
+        """Lines printed under an evaluation's summary (a confusion matrix, say)."""
+        return []
+
+
+class Pretraining(Task):
+    """Maximum likelihood on token shards made by `pocketlm prepare`: random windows of
+    block_size + 1 tokens; the loss is the mean −log p(next token)."""
+
+    def __init__(self, config: TrainConfig, dist: "Distributed"):
         from pocketlm.data import Batches, TokenShard
         from pocketlm.tokenizer import Tokenizer
 
-        config.validate()
         self.config = config
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        self.device = resolve_device(config.device)
-        self.dist = Distributed.from_env(self.device.type)
-        if self.device.type == "cuda" and self.dist.world_size > 1:
-            self.device = torch.device("cuda", self.dist.local_rank)
-        self.autocast = _autocast_dtype(config.precision, self.device)
-        self.out = Path(config.out)
-        self.checkpoints = self.out / CHECKPOINTS
-        self.step = 0
-        self._stop_signal: str | None = None
-
-        self.train_shard, val_shard = TokenShard(config.data, "train"), TokenShard(config.data, "val")
+        self.train_shard, self.val_shard = TokenShard(config.data, "train"), TokenShard(config.data, "val")
         self.tokenizer = Tokenizer.from_pretrained(config.data)
-        for shard in (self.train_shard, val_shard):
+        for shard in (self.train_shard, self.val_shard):
             shard.check_tokenizer(self.tokenizer)
         # before the model: a --block-size longer than the data is refused before a model that size is built
         self.batches = Batches(self.train_shard, config.batch_size, config.block_size, self.train_shard.vocab_size,
-                               config.seed, self.dist.rank, self.dist.world_size)
+                               config.seed, dist.rank, dist.world_size)
+        self.dist = dist
 
-        # one run at a time in a folder; what this run creates goes again if it ends before step 1
-        self._lock = RunLock(self.out) if self.dist.main else None
-        try:
-            self._build(val_shard)
-        except BaseException:
-            self._release(trained=False)
-            raise
-
-    def _build(self, val_shard) -> None:
-        from pocketlm.data import eval_windows
-
-        config = self.config
-        resume_from = self._resume_point()
-        torch.manual_seed(config.seed)  # the initial weights
-        self.model = self._build_model(resume_from)
-        vocab = self.model.config.vocab_size
-        if vocab < self.train_shard.vocab_size:
-            raise ConfigError(f"the model's vocabulary has {vocab:,} tokens but the data's tokenizer has "
-                              f"{self.train_shard.vocab_size:,}; prepare the data with the model's tokenizer "
-                              "(pocketlm prepare --tokenizer MODEL)")
-        self._check_sample_fits()
-        self.val = eval_windows(val_shard, config.eval_windows, config.block_size, vocab)
-        if not config.fsdp:  # under FSDP every rank runs every forward: the shards gather together
-            self.val = self.val[self.dist.rank::self.dist.world_size]
-        self.model.to(self.device)
-        if config.fsdp:
-            self._shard()
-        self.optimizer = self._build_optimizer()
-        self.forward = self.model
-        if self.dist.world_size > 1 and not config.fsdp:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.forward = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if config.compile:
-            self.forward = torch.compile(self.forward)
-        if resume_from is not None:
-            self._load_state(resume_from)
-
-    @property
-    def finished(self) -> bool:
-        """True when the run already reached --max-steps (a --resume of a finished run)."""
-        return self.step >= self.config.max_steps
-
-    def _release(self, trained: bool) -> None:
-        """Unlock the run folder; a run that trained no step takes away the folder it created."""
-        if self._lock is not None:
-            self._lock.release(remove_created=not trained)
-            self._lock = None
-
-    # --- building ---
-
-    def _build_model(self, resume_from: Path | None):
+    def build_model(self, trainer: "Trainer", resume_from: Path | None):
         from pocketlm.api import CausalLM
         from pocketlm.config import PRESETS, ModelConfig
 
@@ -313,7 +292,7 @@ class Trainer:
             config.validate()
             with torch.device("meta"):  # the parameter count, before allocating any of them
                 parameters = CausalLM.from_config(config).num_parameters()
-            self._check_memory(config, parameters, weights_allocated=False)
+            trainer._check_memory(config, parameters, weights_allocated=False)
             model = CausalLM.from_config(config)
         else:
             from pocketlm.api import load_model_and_tokenizer
@@ -325,17 +304,159 @@ class Trainer:
                 self.train_shard.check_tokenizer(tokenizer)
             else:
                 model = CausalLM.from_pretrained(ref, dtype=torch.float32)
-        with torch.no_grad():  # training runs on plain contiguous weights, whatever layout loading chose
-            for p in model.parameters():
-                if not p.is_contiguous():
-                    p.data = p.data.contiguous()
+        contiguous(model)
         if c.block_size > model.config.max_position:  # (a preset's context grows to --block-size)
             raise ConfigError(f"--block-size {c.block_size} is beyond the model's context of "
                               f"{model.config.max_position} tokens; use --block-size {model.config.max_position} "
                               "or less")
         if source is not None:
-            self._check_memory(model.config, model.num_parameters(), weights_allocated=self.device.type == "cpu")
-        return model.train()
+            trainer._check_memory(model.config, model.num_parameters(),
+                                  weights_allocated=trainer.device.type == "cpu")
+        return model
+
+    def check(self, trainer: "Trainer") -> None:
+        from pocketlm.data import eval_windows
+
+        c, vocab = self.config, trainer.model.config.vocab_size
+        if vocab < self.train_shard.vocab_size:
+            raise ConfigError(f"the model's vocabulary has {vocab:,} tokens but the data's tokenizer has "
+                              f"{self.train_shard.vocab_size:,}; prepare the data with the model's tokenizer "
+                              "(pocketlm prepare --tokenizer MODEL)")
+        self._check_sample_fits(trainer.model)
+        self.val = eval_windows(self.val_shard, c.eval_windows, c.block_size, vocab)
+        if not c.fsdp:  # under FSDP every rank runs every forward: the shards gather together
+            self.val = self.val[self.dist.rank::self.dist.world_size]
+
+    def loss(self, model, window: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return next_token_loss(model, window), window.shape[0] * (window.shape[1] - 1)
+
+    def evaluation_sums(self, model, autocast) -> dict[str, torch.Tensor]:
+        device = next(model.parameters()).device
+        total = 0.0
+        for window in self.val:
+            with autocast():
+                total += float(next_token_loss(model, window.to(device)))
+        return {"loss": torch.tensor(total, dtype=torch.float64), "count": torch.tensor(float(len(self.val)))}
+
+    def sample(self, trainer: "Trainer") -> str | None:
+        """A short sample from the model, drawn with its own seeded generator so that sampling
+        never moves the training RNG; the weights stay as they are (no packing)."""
+        from pocketlm.generate import Generator
+
+        c = self.config
+        if not c.sample_tokens:
+            return None
+        gen = Generator(trainer.model, self.tokenizer, pack=False)
+        done = gen.generate(self._sample_prompt(), max_new_tokens=c.sample_tokens, do_sample=True, temperature=0.8,
+                            top_k=50, seed=c.seed + trainer.step, eos_token_id=None)
+        return c.sample_prompt + done.text
+
+    def _sample_prompt(self) -> list[int]:
+        c = self.config
+        prompt = self.tokenizer.encode(c.sample_prompt, add_special_tokens=False) if c.sample_prompt else []
+        if not prompt and self.tokenizer.eos_token_id is None:
+            raise ConfigError("the tokenizer has no end-of-text token to start samples from; pass --sample-prompt "
+                              "TEXT, or --sample-tokens 0 for no samples")
+        return prompt or [self.tokenizer.eos_token_id]
+
+    def _check_sample_fits(self, model) -> None:
+        """The samples of every evaluation must fit the model's context: found now, not after
+        the first --eval-every steps."""
+        c = self.config
+        if not c.sample_tokens:
+            return
+        prompt, context = len(self._sample_prompt()), model.config.max_position
+        if prompt + c.sample_tokens > context:
+            raise ConfigError(f"samples need {prompt} prompt tokens (--sample-prompt) + --sample-tokens "
+                              f"{c.sample_tokens} = {prompt + c.sample_tokens} positions, beyond the model's "
+                              f"context of {context}; lower --sample-tokens or shorten --sample-prompt "
+                              "(--sample-tokens 0: no samples)")
+
+
+def task_for(config: TrainConfig, dist: "Distributed") -> Task:
+    """The task a config describes: pretraining, or the fine-tune its `task` field names."""
+    kind = getattr(config, "task", "pretrain")
+    if kind == "pretrain":
+        return Pretraining(config, dist)
+    from pocketlm import finetune
+
+    return finetune.TASKS[kind](config, dist)
+
+
+def contiguous(model: torch.nn.Module) -> None:
+    """Training runs on plain contiguous weights, whatever layout loading chose."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+
+
+class Trainer:
+    """One training loop for every task (pretraining by maximum likelihood, classification and
+    instruction fine-tunes): checkpoints, exact resume, signals, evaluation and logs."""
+
+    def __init__(self, config: TrainConfig):
+        config.validate()
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        self.dist = Distributed.from_env(self.device.type)
+        if self.device.type == "cuda" and self.dist.world_size > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.autocast = _autocast_dtype(config.precision, self.device)
+        self.out = Path(config.out)
+        self.checkpoints = self.out / CHECKPOINTS
+        self.step = 0
+        self._stop_signal: str | None = None
+        self._evaluated: dict[str, Any] = {}  # the metrics of an evaluation whose checkpoint is not saved yet
+        self.task = task_for(config, self.dist)
+        self.config = config = getattr(self.task, "config", config)  # a task may settle --max-steps from --epochs
+        self.tokenizer = self.task.tokenizer
+
+        # one run at a time in a folder; what this run creates goes again if it ends before step 1
+        self._lock = RunLock(self.out) if self.dist.main else None
+        try:
+            self._build()
+        except BaseException:
+            self._release(trained=False)
+            raise
+
+    def _build(self) -> None:
+        config = self.config
+        resume_from = self._resume_point()
+        torch.manual_seed(config.seed)  # the initial weights
+        self.model = self.task.build_model(self, resume_from).train()
+        self.task.check(self)
+        self.model.to(self.device)
+        if config.fsdp:
+            self._shard()
+        self.optimizer = self._build_optimizer()
+        self.forward = self.model
+        if self.dist.world_size > 1 and not config.fsdp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if config.compile:
+            self.forward = torch.compile(self.forward)
+        self.best = read_json(self.out / BEST_JSON, "best-checkpoint mark") \
+            if resume_from is not None and (self.out / BEST_JSON).is_file() else None
+        if resume_from is not None:
+            self._load_state(resume_from)
+
+    @property
+    def finished(self) -> bool:
+        """True when the run already reached max_steps (a --resume of a finished run)."""
+        return self.step >= self.config.max_steps
+
+    def _release(self, trained: bool) -> None:
+        """Unlock the run folder; a run that trained no step takes away the folder it made."""
+        if self._lock is not None:
+            self._lock.release(remove_created=not trained)
+            self._lock = None
+
+    # --- building ---
 
     def _check_memory(self, config, parameters: int, weights_allocated: bool) -> None:
         """Refuse, before step 1, a --batch-size × --block-size whose step cannot fit the memory
@@ -402,7 +523,6 @@ class Trainer:
                          "train further", self.step, c.max_steps)
             self._release(trained=False)
             return {}
-        tokens_per_step = c.batch_size * c.grad_accum * c.block_size * self.dist.world_size
         bar = _progress(self.step, c.max_steps) if main else None
         previous = self._install_signal_handlers()
         started, window_start, window_tokens = time.monotonic(), time.monotonic(), 0
@@ -410,11 +530,11 @@ class Trainer:
         try:
             with _logs_above(bar):
                 while self.step < c.max_steps:
-                    loss = self._train_step()
+                    loss, tokens = self._train_step()
                     self.step += 1
                     if self.step == first + 1 and main:
                         self._start_run_folder(first)  # only now: a run that trains nothing writes nothing
-                    window_tokens += tokens_per_step
+                    window_tokens += tokens
                     last["train_loss"] = loss
                     elapsed = time.monotonic() - window_start
                     speed = window_tokens / elapsed if elapsed > 0 else 0.0
@@ -455,7 +575,9 @@ class Trainer:
         """A step's evaluation, sample and report, and its row of metrics.csv."""
         c, main = self.config, self.dist.main
         if evaluate:
-            last["val_loss"] = row["val_loss"] = self.evaluate()
+            metrics = self._evaluated = self.evaluate()
+            last.update(metrics)
+            row.update(metrics)
             sample = self.sample() if c.sample_tokens and (main or c.fsdp) else None
             if main:
                 self._report(row, bar, sample)
@@ -476,19 +598,22 @@ class Trainer:
         where = f" in {saved}" if saved is not None else ""
         return TrainingError(f"{what} (step {self.step} was saved{where} first; continue with --resume)")
 
-    def _train_step(self) -> float:
+    def _train_step(self) -> tuple[float, int]:
+        """One optimizer step over --grad-accum batches: (the loss, the tokens of all ranks)."""
         c = self.config
         lr = c.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = 0.0
+        total, tokens = 0.0, 0
         for micro in range(c.grad_accum):
-            window = self.batches.next().to(self.device, non_blocking=True)
+            batch = _to(self.task.batches.next(), self.device)
             syncing = micro == c.grad_accum - 1 or self.dist.world_size == 1
             with _maybe_no_sync(self.forward, syncing), self._autocast():
-                loss = next_token_loss(self.forward, window) / c.grad_accum
+                loss, count = self.task.loss(self.forward, batch)
+                loss = loss / c.grad_accum
             loss.backward()
             total += loss.item()
+            tokens += count
         loss_value = self.dist.mean(total)
         if not math.isfinite(loss_value):
             self._diverged(f"the training loss became {loss_value}")
@@ -499,7 +624,7 @@ class Trainer:
                 self._diverged(f"the gradient norm became {norm}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value
+        return loss_value, tokens * self.dist.world_size
 
     def _diverged(self, what: str) -> None:
         newest = newest_checkpoint(self.checkpoints)
@@ -509,59 +634,26 @@ class Trainer:
                             "then continue with --resume")
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss over the fixed validation windows (all ranks together)."""
-        self.model.eval()
-        total, count = 0.0, 0
-        for window in self.val:
-            with self._autocast():
-                total += float(next_token_loss(self.model, window.to(self.device)))
-            count += 1
-        self.model.train()
-        if self.dist.world_size > 1:
-            import torch.distributed as dist
-
-            t = torch.tensor([total, count], dtype=torch.float64)
-            dist.all_reduce(t)
-            total, count = float(t[0]), int(t[1])
-        return total / max(count, 1)
-
-    def sample(self) -> str:
-        """A short sample from the model, drawn with its own seeded generator so that sampling
-        never moves the training RNG; the weights stay as they are (no packing)."""
-        from pocketlm.generate import Generator
-
-        c = self.config
-        prompt = self._sample_prompt()
+    def evaluate(self) -> dict[str, Any]:
+        """The task's validation metrics (val_loss and any others), all ranks together."""
         self.model.eval()
         try:
-            gen = Generator(self.model, self.tokenizer, pack=False)
-            done = gen.generate(prompt, max_new_tokens=c.sample_tokens, do_sample=True, temperature=0.8,
-                                top_k=50, seed=c.seed + self.step, eos_token_id=None)
+            sums = self.task.evaluation_sums(self.model, self._autocast)
         finally:
             self.model.train()
-        return c.sample_prompt + done.text
+        if self.dist.world_size > 1 and not self.config.fsdp:
+            import torch.distributed as dist
 
-    def _sample_prompt(self) -> list[int]:
-        c = self.config
-        prompt = self.tokenizer.encode(c.sample_prompt, add_special_tokens=False) if c.sample_prompt else []
-        if not prompt and self.tokenizer.eos_token_id is None:
-            raise ConfigError("the tokenizer has no end-of-text token to start samples from; pass --sample-prompt "
-                              "TEXT, or --sample-tokens 0 for no samples")
-        return prompt or [self.tokenizer.eos_token_id]
+            for value in sums.values():
+                dist.all_reduce(value)
+        return self.task.summarize(sums)
 
-    def _check_sample_fits(self) -> None:
-        """The samples of every evaluation must fit the model's context: found now, not after
-        the first --eval-every steps."""
-        c = self.config
-        if not c.sample_tokens:
-            return
-        prompt, context = len(self._sample_prompt()), self.model.config.max_position
-        if prompt + c.sample_tokens > context:
-            raise ConfigError(f"samples need {prompt} prompt tokens (--sample-prompt) + --sample-tokens "
-                              f"{c.sample_tokens} = {prompt + c.sample_tokens} positions, beyond the model's "
-                              f"context of {context}; lower --sample-tokens or shorten --sample-prompt "
-                              "(--sample-tokens 0: no samples)")
+    def sample(self) -> str | None:
+        self.model.eval()
+        try:
+            return self.task.sample(self)
+        finally:
+            self.model.train()
 
     def _autocast(self):
         if self.autocast is None:
@@ -572,16 +664,24 @@ class Trainer:
 
     def _report(self, row: dict, bar, sample: str | None) -> None:
         write = bar.write if bar is not None else print
-        write(f"step {row['step']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+        extra = "".join(f", {name.removeprefix('val_').replace('_', '-')} {row[name]:.4f}"
+                        for name in self.task.metrics if isinstance(row.get(name), float))
+        write(f"step {row['step']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}{extra}, "
               f"lr {row['lr']:.2e}, {row['tokens_per_s']:,.0f} tokens/s")
+        for line in self.task.report(row):
+            write("  " + line)
         if sample is not None:
             write("  sample: " + sample.replace("\n", "\n          ")[:1000])
+
+    @property
+    def _metric_fields(self) -> tuple[str, ...]:
+        return METRICS + self.task.metrics
 
     def _append_metrics(self, row: dict) -> None:
         path = self.out / "metrics.csv"
         new = not path.exists()
         with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRICS)
+            w = csv.DictWriter(f, fieldnames=self._metric_fields, extrasaction="ignore")
             if new:
                 w.writeheader()
             w.writerow(row)
@@ -596,7 +696,7 @@ class Trainer:
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resumed_at]
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRICS, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=self._metric_fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
 
@@ -627,7 +727,7 @@ class Trainer:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".{target.name}."))
         try:
-            model.save_pretrained(staging, tokenizer=self.tokenizer)
+            self.task.save(model, staging)
             _fault("after-weights", self.step)
             tensors, meta = self._state(optimizer_state or self.optimizer.state_dict())
             save_file(tensors, staging / STATE_TENSORS)
@@ -645,10 +745,26 @@ class Trainer:
             _fault("after-rename", self.step)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self._mark_best(target)
+        best = best_checkpoint(self.out)
         for old in complete_checkpoints(self.checkpoints)[:-self.config.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != best:  # the best checkpoint stays however old it gets
+                shutil.rmtree(old, ignore_errors=True)
         self.dist.barrier()
         return target
+
+    def _mark_best(self, saved: Path) -> None:
+        """Record `saved` in RUN/best.json when its evaluation beat every earlier one on the task's
+        best metric (a tie keeps the earlier checkpoint)."""
+        metric, evaluated, self._evaluated = self.task.best, self._evaluated, {}
+        value = evaluated.get(metric) if metric else None
+        if not isinstance(value, float) or not math.isfinite(value):
+            return
+        if self.best is not None and self.best.get("value", -math.inf) >= value \
+                and best_checkpoint(self.out) is not None:
+            return
+        self.best = {"checkpoint": saved.name, "metric": metric, "value": value, "step": self.step}
+        atomic_write_json(self.out / BEST_JSON, self.best)
 
     def _state(self, opt: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The optimizer state (keyed by parameter index), RNGs and data position as tensors, the
@@ -662,7 +778,7 @@ class Trainer:
                 else:
                     scalars.setdefault(str(index), {})[key] = value
         tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.data"] = self.batches.state()
+        tensors["rng.data"] = self.task.batches.state()
         if torch.cuda.is_available() and self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
@@ -709,7 +825,7 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(saved)
         torch.set_rng_state(tensors["rng.torch"])
-        self.batches.restore(tensors["rng.data"])
+        self.task.batches.restore(tensors["rng.data"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.step = int(meta["step"])
@@ -823,6 +939,13 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             raise ConfigError("this GPU has no bf16; use --precision fp32")
         return torch.bfloat16
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
+def _to(batch, device: torch.device):
+    """A batch (a tensor, or a dict of them) on the device."""
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)
 
 
 def _maybe_no_sync(module, syncing: bool):
