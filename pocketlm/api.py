@@ -22,7 +22,7 @@ import torch
 
 from pocketlm import checkpoint, registry
 from pocketlm.config import ModelConfig, resolve_device
-from pocketlm.errors import ConfigError
+from pocketlm.errors import ConfigError, FormatError
 from pocketlm.generate import GenerateOutput, GenerationConfig, Generator, transition_scores
 from pocketlm.model import SequenceClassifier, Transformer, check_attn_implementation
 from pocketlm.tokenizer import Tokenizer
@@ -54,10 +54,16 @@ class PretrainedModel:
                         allow_pickle: bool = False, device_map=None, attn_implementation: str | None = None,
                         revision: str | None = None, trust_remote_code: bool = False,
                         local_files_only: bool = False, low_cpu_mem_usage: bool | None = None,
-                        cache_dir: str | Path | None = None, _adapt_config=None, **unknown) -> "CausalLM":
+                        cache_dir: str | Path | None = None, base_model=None, _adapt_config=None,
+                        **unknown) -> "CausalLM":
         """Load a local checkpoint folder, a GGUF file (dequantized, float32 unless `dtype` says
-        otherwise) or a pulled registry model by name. `torch_dtype` is an alias of `dtype`;
-        "auto" keeps the stored dtype.
+        otherwise), a training run folder, a LoRA adapter folder or a pulled registry model by
+        name. `torch_dtype` is an alias of `dtype`; "auto" keeps the stored dtype.
+
+        An adapter folder loads its base (the one its adapter_config.json records, or
+        `base_model`: a folder, GGUF file or registry name) and folds the adapter into the
+        weights: a plain model, as fast as the base. To train the adapter further, load the base
+        and call pocketlm.lora.load_adapter instead, which keeps it separate.
 
         transformers' loading keywords work as far as they mean something for a local model on
         one device: `device_map` ("auto", one device, or a map that puts every part on the same
@@ -74,28 +80,53 @@ class PretrainedModel:
         if trust_remote_code:
             log.warning("trust_remote_code=True changes nothing: pocketlm never runs code from a checkpoint, "
                         "it loads the gpt2, llama and pocketlm architectures with its own")
-        ref = registry.resolve(path)
-        if ref.kind == "gguf" and _adapt_config is not None:
-            raise ConfigError(f"{cls.__name__} does not load GGUF files yet; load the model as a checkpoint "
-                              "folder (config.json + model.safetensors)")
-        if ref.kind == "gguf":
-            from pocketlm.gguf import GGUFFile
-
-            with GGUFFile(ref.path) as f:
-                model = cls._from_gguf(f, device=device, dtype=dtype)
-        else:
-            model = checkpoint.load_pretrained(ref.path, device=device, dtype=dtype,
-                                               allow_pickle=allow_pickle, cls=cls, adapt_config=_adapt_config)
-            model.generation_config = checkpoint.read_generation_config(ref.path)
+        ref = registry.resolve(path, base=base_model)
+        model = cls._load(ref, device=device, dtype=dtype, allow_pickle=allow_pickle, adapt_config=_adapt_config)
         model.attn_implementation = attn_implementation
         return model
 
     @classmethod
-    def _from_gguf(cls, f, device=None, dtype=None) -> "CausalLM":
+    def _load(cls, ref: registry.ModelRef, *, device, dtype, allow_pickle: bool, adapt_config) -> "CausalLM":
+        """The model `ref` names, its config passed through `adapt_config` (a classifier's labels)."""
+        if ref.kind == "adapter":
+            return cls._from_adapter(ref, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                     adapt_config=adapt_config)
+        if ref.kind == "gguf":
+            from pocketlm.gguf import GGUFFile
+
+            with GGUFFile(ref.path) as f:
+                return cls._from_gguf(f, device=device, dtype=dtype, adapt_config=adapt_config)
+        model = checkpoint.load_pretrained(ref.path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                           cls=cls, adapt_config=adapt_config)
+        model.generation_config = checkpoint.read_generation_config(ref.path)
+        return model
+
+    @classmethod
+    def _from_gguf(cls, f, device=None, dtype=None, adapt_config=None) -> "CausalLM":
         from pocketlm.gguf import load_gguf
 
-        model = load_gguf(f, device=device, dtype=dtype, cls=cls)
+        model = load_gguf(f, device=device, dtype=dtype, cls=cls, adapt_config=adapt_config)
         model.generation_config = _special_token_ids(model.config)
+        return model
+
+    @classmethod
+    def _from_adapter(cls, ref: registry.ModelRef, **load) -> "CausalLM":
+        """The adapter's base (a GGUF base dequantized) with the adapter folded into its weights."""
+        from pocketlm import lora
+
+        task = lora.read_adapter_config(ref.path).task_type
+        if task == "SEQ_CLS" and not issubclass(cls, SequenceClassifier):
+            raise ConfigError(f"{ref.path} is a classification adapter (task_type SEQ_CLS); load it with "
+                              "AutoModelForSequenceClassification.from_pretrained or pipeline('text-classification')")
+        model = cls._load(ref.base, **load)
+        checkpoint.check_tokenizer_fits(ref.path, model.config)  # the adapter folder's own tokenizer
+        try:
+            lora.load_adapter(model, ref.path)
+        except (ConfigError, FormatError) as e:
+            raise type(e)(f"the LoRA adapter {ref.path} does not fit its base {ref.base.given}: {e}") from None
+        lora.merge_lora(model)
+        if (ref.path / "generation_config.json").is_file():
+            model.generation_config = checkpoint.read_generation_config(ref.path)
         return model
 
     @classmethod
@@ -245,8 +276,9 @@ def _refuse_unknown(method: str, unknown: dict[str, Any], *bound) -> None:
 
 def load_model_and_tokenizer(model: str | Path | registry.ModelRef, *, device=None,
                              dtype=None) -> tuple[CausalLM, Tokenizer]:
-    """Both halves of a local checkpoint folder, run folder, GGUF file (parsed once) or pulled
-    registry name; the reference is resolved once for both."""
+    """Both halves of a local checkpoint folder, run folder, GGUF file (parsed once), LoRA adapter
+    folder (its base's tokenizer unless it has its own) or pulled registry name; the reference
+    is resolved once for both."""
     ref = registry.resolve(model)
     if ref.kind == "gguf":
         from pocketlm.gguf import GGUFFile
@@ -288,9 +320,15 @@ class SequenceClassification(PretrainedModel, SequenceClassifier):
     def from_pretrained(cls, path: str | Path, *, num_labels: int | None = None,
                         id2label: dict | None = None, label2id: dict | None = None,
                         problem_type: str | None = None, **kwargs) -> "SequenceClassification":
-        """Load as PretrainedModel.from_pretrained (same keywords), with the label keywords above."""
+        """Load as PretrainedModel.from_pretrained (same keywords), with the label keywords above.
+        A classification adapter's labels come from its label_config.json (see pocketlm.lora)."""
         labels = _label_settings(num_labels, id2label, label2id, problem_type)
-        return super().from_pretrained(path, _adapt_config=lambda config: _classifier_config(config, labels),
+        ref = registry.resolve(path, base=kwargs.pop("base_model", None))
+        if ref.kind == "adapter":
+            from pocketlm.lora import read_labels
+
+            labels = {**read_labels(ref.path), **labels}
+        return super().from_pretrained(ref, _adapt_config=lambda config: _classifier_config(config, labels),
                                        **kwargs)
 
     @classmethod
@@ -366,13 +404,23 @@ class AutoConfig:
         (the keywords as in AutoModelForCausalLM.from_pretrained)."""
         _refuse_unknown("AutoConfig.from_pretrained", unknown, AutoConfig.from_pretrained)
         _check_revision(revision)
-        ref = registry.resolve(path)
-        if ref.kind == "gguf":
-            from pocketlm.gguf import GGUFFile, config_from_gguf
+        return _config_of(registry.resolve(path))
 
-            with GGUFFile(ref.path) as f:
-                return config_from_gguf(f)
-        return checkpoint.load_config(ref.path)
+
+def _config_of(ref: registry.ModelRef) -> ModelConfig:
+    """The config `ref`'s model loads with; a classification adapter's is its base's with its labels."""
+    if ref.kind == "adapter":
+        from pocketlm.lora import read_labels
+
+        labels = read_labels(ref.path)
+        config = _config_of(ref.base)
+        return _classifier_config(config, labels) if labels else config
+    if ref.kind == "gguf":
+        from pocketlm.gguf import GGUFFile, config_from_gguf
+
+        with GGUFFile(ref.path) as f:
+            return config_from_gguf(f)
+    return checkpoint.load_config(ref.path)
 
 
 class AutoTokenizer:
@@ -391,9 +439,10 @@ class AutoTokenizer:
                         subfolder: str | None = None, revision: str | None = None, use_fast: bool = True,
                         local_files_only: bool = False, trust_remote_code: bool = False,
                         cache_dir: str | Path | None = None, force_download: bool = False, token: Any = None,
-                        **unknown) -> Tokenizer:
+                        base_model=None, **unknown) -> Tokenizer:
         """The tokenizer of a local checkpoint folder (or `subfolder` of it), tokenizer.json, GGUF
-        file or pulled registry name.
+        file, run folder, LoRA adapter folder (its own tokenizer files, else its base's, the base
+        being `base_model` when given) or pulled registry name.
 
         transformers' keywords work as far as they mean something locally. The settings
         (padding_side, model_max_length, chat_template, clean_up_tokenization_spaces,
@@ -404,16 +453,10 @@ class AutoTokenizer:
         and no code from a checkpoint runs. An unknown keyword is a ConfigError that lists these."""
         _refuse_unknown("AutoTokenizer.from_pretrained", unknown, AutoTokenizer.from_pretrained)
         _check_revision(revision)
-        ref = registry.resolve(path)
+        ref = registry.resolve(path, base=base_model)
         if subfolder:
             ref = registry.resolve(Path(ref.path) / subfolder)
-        if ref.kind == "gguf":
-            from pocketlm.gguf import GGUFFile, tokenizer_from_gguf
-
-            with GGUFFile(ref.path) as f:
-                tokenizer = tokenizer_from_gguf(f)
-        else:
-            tokenizer = Tokenizer.from_pretrained(ref.path)
+        tokenizer = _tokenizer_of(ref)
         named = dict(bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, pad_token=pad_token,
                      sep_token=sep_token, cls_token=cls_token, mask_token=mask_token,
                      additional_special_tokens=additional_special_tokens)
@@ -425,6 +468,17 @@ class AutoTokenizer:
             if value is not None:
                 setattr(tokenizer, name, value)  # the setters check each value
         return tokenizer
+
+
+def _tokenizer_of(ref: registry.ModelRef) -> Tokenizer:
+    if ref.kind == "adapter" and not any((ref.path / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        return _tokenizer_of(ref.base)
+    if ref.kind == "gguf":
+        from pocketlm.gguf import GGUFFile, tokenizer_from_gguf
+
+        with GGUFFile(ref.path) as f:
+            return tokenizer_from_gguf(f)
+    return Tokenizer.from_pretrained(ref.path)
 
 
 # the names from the classic snippets: same loaders, the checkpoint's config decides the family

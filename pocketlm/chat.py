@@ -302,8 +302,13 @@ class ChatSession:
 
     @property
     def stop(self) -> list[str]:
-        """Stop strings the format needs (the plain transcript has no end-of-turn token)."""
-        return [PLAIN_STOP] if self.plain else []
+        """Stop strings the format needs: the plain transcript's turn marker, and end-of-turn
+        marks the template writes that the vocabulary holds as plain text (a base model given
+        ChatML by a fine-tune writes <|im_end|> as several ordinary tokens)."""
+        if self.plain:
+            return [PLAIN_STOP]
+        vocab = self.tokenizer.get_vocab()
+        return [t for t in END_OF_TURN_TOKENS if t in self.template and t not in vocab]
 
     @property
     def stop_token_ids(self) -> list[int]:

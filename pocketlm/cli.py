@@ -15,7 +15,7 @@ import re
 import sys
 
 from pocketlm import __version__
-from pocketlm.config import TrainConfig, resolve_device
+from pocketlm.config import FinetuneConfig, TrainConfig, resolve_device
 from pocketlm.errors import ConfigError, ContextLengthError, PocketLMError
 from pocketlm.registry import DEFAULT_CHAT_MODEL
 
@@ -28,7 +28,7 @@ def cmd_info(args) -> int:
     from pocketlm.tokenizer import Tokenizer
 
     ref = registry.resolve(args.path)
-    stored = None
+    stored = adapter = None
     if ref.kind == "gguf":
         from pocketlm.gguf import GGUFFile
 
@@ -36,6 +36,13 @@ def cmd_info(args) -> int:
             stored = ", ".join(f"{n} × {kind}" for kind, n in
                                Counter(t.type.name for t in f.tensors.values()).most_common())
             model, tokenizer = gguf_model_and_tokenizer(f)
+    elif ref.kind == "adapter":  # described as the model it loads as: the base with the adapter merged
+        from pocketlm.api import AutoModelForCausalLM, AutoModelForSequenceClassification
+        from pocketlm.lora import read_adapter_config
+
+        adapter = read_adapter_config(ref.path)
+        auto = AutoModelForSequenceClassification if adapter.task_type == "SEQ_CLS" else AutoModelForCausalLM
+        model, tokenizer = auto.from_pretrained(ref, dtype="auto"), _adapter_tokenizer(ref)
     else:
         model = checkpoint.load_pretrained(ref.path, dtype="auto")
         folder = checkpoint.resolve_folder(ref.path)
@@ -58,6 +65,9 @@ def cmd_info(args) -> int:
     ]
     if tokenizer is not None and tokenizer.chat_template:
         rows.append(("chat template", "yes"))
+    if adapter is not None:
+        rows.insert(0, ("LoRA adapter", f"r={adapter.r}, alpha {adapter.alpha:g} on {' '.join(adapter.targets)} "
+                                        f"({adapter.task_type}), merged into its base {ref.base.given}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -84,6 +94,46 @@ def cmd_convert(args) -> int:
     print(f"wrote {args.out} ({model.num_parameters():,} parameters, {str(model.dtype).removeprefix('torch.')}): "
           "a Hugging Face folder that transformers and pocketlm load")
     return 0
+
+
+def cmd_merge_lora(args) -> int:
+    from pathlib import Path
+
+    from pocketlm import checkpoint, registry
+    from pocketlm.api import CausalLM, SequenceClassification
+    from pocketlm.files import staged_folder
+    from pocketlm.lora import read_adapter_config
+
+    out = Path(args.out)
+    ref = registry.resolve(args.adapter, base=args.base)
+    if ref.kind != "adapter":
+        raise ConfigError(f"{args.adapter} is not a LoRA adapter folder (adapter_config.json + "
+                          "adapter_model.safetensors) or a LoRA run folder")
+    registry.check_out_apart_from(out, ref.base)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # checked before the long load
+        raise ConfigError(f"{out} already exists{'' if out.is_dir() else ' as a file'}; merge-lora writes a new "
+                          "folder: pick another --out, or remove that one first")
+    classifier = read_adapter_config(ref.path).task_type == "SEQ_CLS"
+    model = (SequenceClassification if classifier else CausalLM).from_pretrained(ref)  # float32, merged
+    tokenizer = _adapter_tokenizer(ref)
+    model.to(checkpoint.DTYPES[args.dtype])
+    with staged_folder(out) as folder:  # a failed write leaves no folder behind
+        model.save_pretrained(folder, tokenizer=tokenizer)
+    print(f"wrote {out}: {ref.base.given} with the LoRA adapter {args.adapter} merged in "
+          f"({model.num_parameters():,} parameters, {args.dtype}{', no tokenizer' if tokenizer is None else ''}); "
+          "a checkpoint folder that transformers and pocketlm load")
+    return 0
+
+
+def _adapter_tokenizer(ref):
+    """The tokenizer of an adapter folder, else of its base; None when neither has one."""
+    from pocketlm.api import AutoTokenizer
+    from pocketlm.errors import NotFoundError
+
+    try:
+        return AutoTokenizer.from_pretrained(ref)
+    except NotFoundError:
+        return None
 
 
 def cmd_train_tokenizer(args) -> int:
@@ -209,7 +259,8 @@ def _prompt_text(prompt: str) -> str:
 
 # arguments that are text for the model (paths may be any bytes the file system allows)
 TEXT_ARGUMENTS = {"prompt": "PROMPT", "system": "--system", "stop": "--stop", "sample_prompt": "--sample-prompt",
-                  "special_tokens": "--special-tokens"}
+                  "special_tokens": "--special-tokens", "text": "TEXT", "instruction": "--instruction",
+                  "labels": "--labels"}
 
 
 def check_text_arguments(args) -> None:
@@ -386,6 +437,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights' dtype in the folder (default float32)")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base: a plain checkpoint folder",
+                       description="Load BASE (any model reference; a GGUF file is dequantized), apply the "
+                                   "LoRA adapter in ADAPTER (an adapter folder or a LoRA run folder), fold it "
+                                   "into the weights and write a checkpoint folder with the tokenizer. BASE "
+                                   "may be left out when the adapter records its base.")
+    p.add_argument("base", nargs="?", metavar="BASE", help="the base model (default: the one the adapter records)")
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter folder (adapter_config.json + adapter_model.safetensors) or a LoRA "
+                                   "run folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder to write")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weights' dtype in the folder (default float32; merged in float32 either way)")
+    p.set_defaults(func=cmd_merge_lora)
+
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text files",
                        description="Train a byte-level BPE on INPUTs read as `pocketlm prepare` reads them: "
                                    "text files, folders, .jsonl files (a 'text' field per line) or stdin ('-').")
@@ -425,6 +489,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("finetune", help="fine-tune a model: classify (a label per text) or sft (chat answers)",
+                       description="Fine-tune any model pocketlm loads — every weight, or LoRA adapters with "
+                                   "--lora — on the same Trainer as pretraining: checkpoints, --resume, Ctrl-C, "
+                                   "metrics.csv. The run folder then loads as its best checkpoint wherever a "
+                                   "model goes.")
+    tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    for task, text, description, skip in FINETUNE_COMMANDS:
+        q = tasks.add_parser(task, help=text, description=description)
+        _add_dataclass_flags(q, FinetuneConfig, skip=skip, rename={"data": "train"} if task == "classify" else {})
+        q.set_defaults(func=cmd_finetune)
+
     p = sub.add_parser("eval", help="loss and perplexity of a model on a text",
                        description="Score a text file, or the validation split of a `pocketlm prepare` "
                                    "folder, with a sliding window; print the mean loss and perplexity.")
@@ -435,6 +510,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, metavar="N", help="window step, 1..--max-length (default: half a window)")
     p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens (N ≥ 2)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("classify", help="label texts with a classifier, or zero-shot with a causal LM",
+                       description="Label TEXT, or each text of --input, and print LABEL<TAB>SCORE<TAB>TEXT per "
+                                   "text. MODEL is a sequence classifier (such as a `pocketlm finetune classify` "
+                                   "run) with its own labels, or a causal LM that chooses among --labels "
+                                   "zero-shot. When --input is a labelled .csv/.tsv/.jsonl file, accuracy, "
+                                   "macro-F1 and the confusion matrix follow on stderr.")
+    _add_model_flags(p)
+    p.add_argument("text", nargs="?", metavar="TEXT", help="the text to classify (or use --input)")
+    p.add_argument("--input", metavar="FILE",
+                   help="texts to classify: a text file (one per line; '-' reads stdin), or a .csv, .tsv or "
+                        ".jsonl file (or 'sentiment:test', the bundled set) with a text field and maybe a label")
+    p.add_argument("--labels", metavar="A,B,...", help="for a causal LM: the labels to choose from, zero-shot")
+    p.add_argument("--instruction", metavar="TEMPLATE",
+                   help="for a causal LM: the question before each label, with {text} and {labels} in it and \\n "
+                        "for a line break (default: 'Classify the text as one of: {labels}.\\nText: {text}\\nLabel:')")
+    p.add_argument("--text-field", default="text",
+                   help="the text's field in a .csv/.tsv/.jsonl --input (default: text)")
+    p.add_argument("--label-field", default="label",
+                   help="the gold label's field, when the file has one (default: label)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="texts per forward pass (default: 8)")
+    p.add_argument("--limit", type=int, metavar="N", help="classify only the first N texts")
+    p.add_argument("--json", action="store_true", help='print JSON lines {"label", "score", "text"} instead')
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("generate", help="continue a prompt with a model",
                        description="Continue PROMPT with the model and print the new text. Passing a "
@@ -483,18 +582,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_dataclass_flags(p: argparse.ArgumentParser, config_class: type) -> None:
-    """One flag per field of a config dataclass, its default and help taken from the field."""
+def _add_dataclass_flags(p: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = (),
+                         rename: dict[str, str] | None = None) -> None:
+    """One flag per field of a config dataclass, its default and help taken from the field;
+    `skip` leaves fields out, `rename` gives a field another flag name."""
     import dataclasses
 
     for f in dataclasses.fields(config_class):
-        flag = "--" + f.name.replace("_", "-")
+        if f.name in skip:
+            continue
+        flag = "--" + (rename or {}).get(f.name, f.name).replace("_", "-")
         text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=kind, default=f.default, help=text, required=f.name == "data")
+            p.add_argument(flag, type=kind, default=f.default, help=text, dest=f.name,
+                           required=f.name == "data" or (f.name == "model" and not f.default))
 
 
 def cmd_prepare(args) -> int:
@@ -525,6 +629,46 @@ def cmd_train(args) -> int:
     return 0
 
 
+# fine-tuning's tasks: (name, help, description, FinetuneConfig fields it has no flag for)
+_PRETRAINING_ONLY = ("task", "sample_tokens", "sample_prompt", "fsdp", "dropout", "eval_windows")
+FINETUNE_COMMANDS = (
+    ("classify", "train a classifier: a label per text (sentiment, topic, ...)",
+     "Fine-tune MODEL as a sequence classifier on labelled examples (a .csv, .tsv or .jsonl file with a text "
+     "and a label field; 'sentiment' is the bundled movie-review set). Without --val a stratified --val-frac "
+     "is held out. Each evaluation prints accuracy, macro-F1 and the confusion matrix; the most accurate "
+     "checkpoint is kept as the run's best.", _PRETRAINING_ONLY),
+    ("sft", "instruction-tune a chat model on conversations",
+     "Fine-tune MODEL on conversations (.jsonl: OpenAI 'messages', Alpaca or ShareGPT; 'chatterbot' is the "
+     "bundled corpus) rendered through its chat template (ChatML when it has none). The loss covers the "
+     "assistant's tokens only.", _PRETRAINING_ONLY + ("labels", "text_field", "label_field")),
+)
+
+
+def cmd_finetune(args) -> int:
+    import dataclasses
+
+    from pocketlm.train import Trainer
+
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig) if hasattr(args, f.name)}
+    if fields["max_steps"] and fields["epochs"] != FinetuneConfig.epochs:
+        raise ConfigError("pass --epochs or --max-steps, not both")
+    config = FinetuneConfig(**fields)  # (the subcommand is the task)
+    trainer = Trainer(config)
+    last = trainer.fit()
+    trainer.dist.close()
+    if trainer.dist.main and last:
+        best = trainer.best
+        kept = (f"; best {best['metric'].removeprefix('val_')} {best['value']:.4f} at step {best['step']} "
+                f"({trainer.checkpoints / best['checkpoint']})" if best else "")
+        scores = "".join(f", validation {k.removeprefix('val_').replace('_', '-')} {last[k]:.4f}"
+                         for k in trainer.task.metrics if isinstance(last.get(k), float))
+        use = (f"pocketlm classify {config.out} \"TEXT\"" if config.task == "classify"
+               else f"pocketlm chat {config.out}")
+        print(f"train loss {last['train_loss']:.4f}, validation loss {last['val_loss']:.4f}{scores}{kept}. "
+              f"The run folder loads as its best checkpoint: {use}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from pocketlm.api import load_model_and_tokenizer
     from pocketlm.evaluate import perplexity, tokens_to_score
@@ -548,6 +692,93 @@ def cmd_eval(args) -> int:
     print(f"loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f} "
           f"({result.tokens:,} tokens, {result.windows} windows)")
     return 0
+
+
+def cmd_classify(args) -> int:
+    import json
+
+    from pocketlm import labelled, registry
+    from pocketlm.api import AutoConfig, AutoTokenizer, SequenceClassification, load_model_and_tokenizer
+    from pocketlm.pipelines import pipeline
+
+    if (args.text is None) == (args.input is None):
+        raise ConfigError("give one TEXT to classify, or --input FILE" if args.text is None else
+                          "give TEXT or --input FILE, not both")
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    ref = registry.resolve(args.model)
+    config = AutoConfig.from_pretrained(ref)
+    zero_shot = config.id2label is None
+    if zero_shot and args.labels is None:
+        raise ConfigError(f"{args.model} is a causal LM, not a classifier: give the labels it should choose from "
+                          "with --labels (e.g. --labels positive,negative) to classify zero-shot, or fine-tune it "
+                          "with `pocketlm finetune classify`")
+    if not zero_shot and (args.labels is not None or args.instruction is not None):
+        raise ConfigError(f"{args.model} is a classifier with its own labels "
+                          f"({', '.join(config.id2label.values())}); drop --labels and --instruction")
+    labels = (labelled.label_names([], [name.strip() for name in args.labels.split(",")]) if zero_shot
+              else [config.id2label[i] for i in sorted(config.id2label)])
+
+    gold = None  # the file's own labels, when it has them: then the run scores itself
+    if args.text is not None:
+        texts = [args.text]
+    elif args.input.split(":")[0] == labelled.SENTIMENT or args.input.lower().endswith(labelled.FORMATS):
+        texts, gold = labelled.read_texts(args.input, text_field=args.text_field, label_field=args.label_field,
+                                          labels=labels)
+    else:
+        texts = _text_lines(args.input)
+    texts, gold = texts[:args.limit], gold and gold[:args.limit]
+
+    device = resolve_device(args.device)
+    if zero_shot:
+        model, tokenizer = load_model_and_tokenizer(ref, device=device, dtype=args.dtype)
+        instruction = args.instruction and args.instruction.replace("\\n", "\n")  # a shell argument's \n
+        classify = pipeline("text-classification", model=model, tokenizer=tokenizer, candidate_labels=labels,
+                            instruction=instruction)
+    else:
+        model = SequenceClassification.from_pretrained(ref, device=device, dtype=args.dtype)
+        classify = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained(ref))
+    predicted = []
+    for start in range(0, len(texts), args.batch_size):  # printed batch by batch, so `| head` answers soon
+        batch = texts[start:start + args.batch_size]
+        for text, result in zip(batch, classify(batch, batch_size=args.batch_size)):
+            predicted.append(result["label"])
+            print(json.dumps({"label": result["label"], "score": result["score"], "text": text}, ensure_ascii=False)
+                  if args.json else f"{result['label']}\t{result['score']:.4f}\t{_one_line(text)}")
+        sys.stdout.flush()
+    if gold is not None:
+        from pocketlm.metrics import classification_metrics, format_metrics
+
+        index = {name: i for i, name in enumerate(labels)}
+        metrics = classification_metrics([index[g] for g in gold], [index[p] for p in predicted], len(labels))
+        print(format_metrics(metrics, labels), file=sys.stderr)  # stdout stays one line per text
+    return 0
+
+
+def _text_lines(name: str) -> list[str]:
+    """The non-blank lines of a text file ('-': stdin), one text each."""
+    from pocketlm.errors import NotFoundError
+
+    try:
+        data = sys.stdin.buffer.read() if name == "-" else open(name, "rb").read()
+    except FileNotFoundError:
+        raise NotFoundError(f"--input {name}: no such file (give a text file with one text per line, a .csv, "
+                            ".tsv or .jsonl file, or '-' for stdin)") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--input {name} is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); "
+                          "convert it first, e.g. with `iconv -t UTF-8`") from None
+    texts = [line for line in text.splitlines() if line.strip()]
+    if not texts:
+        raise ConfigError(f"--input {name} holds no text to classify")
+    return texts
+
+
+def _one_line(text: str) -> str:
+    # a text from a CSV or JSONL field may hold tabs and line breaks: keep one line per text
+    return re.sub(r"[\t\n\r\v\f\x1c-\x1e\x85\u2028\u2029]", " ", text)
 
 
 def cmd_pull(args) -> int:
@@ -590,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(e).split("\n"))  # one line, whatever the message held
-        print(f"pocketlm: error: {in_cli_terms(message, parser, args.command)}", file=sys.stderr)
+        print(f"pocketlm: error: {in_cli_terms(message, parser, _command_path(args))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pocketlm: interrupted", file=sys.stderr)
@@ -609,19 +840,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _command_path(args) -> tuple[str, ...]:
+    return (args.command, args.task) if args.command == "finetune" else (args.command,)
+
+
 # library messages name Python settings; from the command line they are flags
 _CLI_PHRASES = {"do_sample=True": "--temperature T or another sampling flag",
                 "do_sample=False": "--greedy"}
 
 
-def in_cli_terms(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+def in_cli_terms(message: str, parser: argparse.ArgumentParser, command: str | tuple[str, ...]) -> str:
     """A library error message with each setting the command has a flag for named as that flag
     (max_new_tokens → --max-new-tokens). Only names with an underscore are flag-like enough to
-    rewrite, and never inside a path or file name (runs/max_length/, block_size.txt)."""
-    sub = next((a.choices.get(command) for a in parser._actions
-                if isinstance(a, argparse._SubParsersAction)), None)
-    if sub is None:
-        return message
+    rewrite, and never inside a path or file name (runs/max_length/, block_size.txt). A nested
+    command is a tuple: ("finetune", "classify")."""
+    path = (command,) if isinstance(command, str) else command
+    sub = parser
+    for name in path:
+        sub = next((a.choices.get(name) for a in sub._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None:
+            return message
+    command = path[0]
     for action in sub._actions:
         flags = [o for o in action.option_strings if o.startswith("--")]
         if flags and "_" in action.dest:

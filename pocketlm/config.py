@@ -354,6 +354,8 @@ def _help(text: str, **kw) -> Any:
 @dataclass
 class TrainConfig:
     """Every setting of a training run; `pocketlm train` takes one flag per field, with these defaults."""
+
+    _least_steps = 1  # (a class attribute, not a setting)
     data: str = _help("folder of token shards made by `pocketlm prepare`", default="")
     model: str = _help("a preset (baby, llama-tiny, gpt2, ...) to train from scratch, or a model to continue: "
                        "a checkpoint or run folder, a .gguf file or a pulled registry name", default="baby")
@@ -395,7 +397,7 @@ class TrainConfig:
         def flag(name: str) -> str:
             return "--" + name.replace("_", "-")
 
-        for name, smallest in (("max_steps", 1), ("batch_size", 1), ("block_size", 1), ("grad_accum", 1),
+        for name, smallest in (("max_steps", self._least_steps), ("batch_size", 1), ("block_size", 1), ("grad_accum", 1),
                                ("eval_every", 1), ("eval_windows", 1), ("keep_last", 1), ("log_every", 1),
                                ("warmup_steps", 0), ("sample_tokens", 0), ("threads", 0), ("seed", 0)):
             value = getattr(self, name)
@@ -438,6 +440,91 @@ class TrainConfig:
             return self.lr * (step + 1) / self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
         return self.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.lr - self.min_lr)
+
+
+FINETUNE_TASKS = ("classify", "sft")
+LORA_LR, FULL_LR = 5e-4, 5e-5  # fine-tuning's default peak learning rates: with --lora, and without
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Every setting of a fine-tune: the training loop's (TrainConfig's fields, with defaults for
+    fine-tuning) and the task's. `pocketlm finetune classify|sft` takes one flag per field; for
+    classify, `data` is the flag --train."""
+
+    _least_steps = 0  # 0: as many steps as --epochs take
+
+    data: str = _help("training examples: classify: a .csv, .tsv or .jsonl file or 'sentiment'; sft: a .jsonl "
+                      "of conversations (messages, Alpaca or ShareGPT) or 'chatterbot'", default="")
+    model: str = _help("the base model: a checkpoint or run folder, a .gguf file or a registry name", default="")
+    out: str = _help("run folder: configs, metrics.csv, checkpoints/ (never the base model's folder)",
+                     default="runs/finetune")
+    max_steps: int = _help("optimizer steps (0: as many as --epochs take)", default=0)
+    batch_size: int = _help("examples per step (per process)", default=8)
+    block_size: int = _help("longest example in tokens (at most the model's context); longer ones are cut "
+                            "(see --truncate)", default=256)
+    lr: float = _help(f"peak learning rate (0: {LORA_LR:g} with --lora, {FULL_LR:g} without)", default=0.0)
+    min_lr: float = _help("learning rate at the end of the cosine decay", default=0.0)
+    warmup_steps: int = _help("linear warm-up steps", default=5)
+    weight_decay: float = _help("AdamW decoupled weight decay (matrices only)", default=0.0)
+    beta2: float = _help("AdamW beta2, in [0, 1)", default=0.999)
+    eval_every: int = _help("steps between evaluations and checkpoints", default=50)
+    keep_last: int = _help("newest checkpoints to keep (the best is kept besides)", default=1)
+    log_every: int = _help("steps between rows of metrics.csv", default=5)
+    sample_tokens: int = _help("(pretraining only; fine-tunes draw no samples)", default=0)
+    task: str = _help("classify (a label per text) or sft (chat instruction tuning)", default="classify")
+    val: str = _help("validation examples, in the format of the training file (default: hold out --val-frac "
+                     "of it, stratified by label for classify)", default="")
+    val_frac: float = _help("share of the training examples held out when there is no --val", default=0.1)
+    labels: str = _help("classify: the label names in class-id order, comma-separated (default: the training "
+                        "file's labels, sorted)", default="")
+    text_field: str = _help("classify: the field (column) holding the text", default="text")
+    label_field: str = _help("classify: the field (column) holding the label", default="label")
+    epochs: float = _help("passes over the training examples, when --max-steps is 0", default=1.0)
+    truncate: bool = _help("cut examples longer than --block-size (and count them); --no-truncate refuses them",
+                           default=True)
+    lora: bool = _help("train LoRA adapters (and a classifier's head) instead of every weight", default=False)
+    lora_r: int = _help("LoRA rank", default=8)
+    lora_alpha: float = _help("LoRA scale numerator: updates are scaled by alpha / r", default=16.0)
+    lora_dropout: float = _help("dropout on the adapters' input", default=0.05)
+    lora_targets: str = _help("layers to adapt, comma-separated transformers names (q_proj,v_proj, or c_attn "
+                              "for GPT-2); all-linear: every linear layer of the blocks", default="all-linear")
+
+    def __post_init__(self):
+        if self.lr == 0 and not isinstance(self.lr, bool):
+            self.lr = LORA_LR if self.lora else FULL_LR
+
+    @property
+    def data_flag(self) -> str:
+        return "--train" if self.task == "classify" else "--data"
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return [name.strip() for name in self.labels.split(",")] if self.labels.strip() else None
+
+    def validate(self) -> None:
+        if self.task not in FINETUNE_TASKS:
+            raise ConfigError(f"the fine-tuning task must be one of {', '.join(FINETUNE_TASKS)}, got {self.task!r}")
+        if not self.data:
+            raise ConfigError(f"no training examples: pass {self.data_flag} FILE")
+        if not self.model:
+            raise ConfigError("--model is empty: pass the base model to fine-tune (a checkpoint or run folder, a "
+                              ".gguf file or a registry name such as smollm2-135m-instruct)")
+        super().validate()
+        for name, low, high in (("epochs", 0.0, None), ("val_frac", 0.0, 1.0), ("lora_alpha", 0.0, None),
+                                ("lora_dropout", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < low or (high is not None and value >= high) \
+                    or (value == low and name != "lora_dropout"):
+                where = f"in ({low:g}, {high:g})" if high is not None else "a finite number > 0"
+                if name == "lora_dropout":
+                    where = "in [0, 1)"
+                raise ConfigError(f"--{name.replace('_', '-')} must be {where}, got {value!r}")
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:
+            raise ConfigError(f"--lora-r must be an integer ≥ 1, got {self.lora_r!r}")
+        if self.fsdp:
+            raise ConfigError("--fsdp is for pretraining; fine-tunes run data-parallel (DDP) under torchrun")
 
 
 def resolve_device(name: str | None):

@@ -528,19 +528,22 @@ def _unpermute(w: torch.Tensor, heads: int, path, name: str) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def load_gguf(source: str | Path | GGUFFile, device=None, dtype=None, cls=None):
+def load_gguf(source: str | Path | GGUFFile, device=None, dtype=None, cls=None, adapt_config=None):
     """A model (`cls`, default Transformer) with a GGUF file's weights dequantized to `dtype`
-    (float32 by default), validated against the config its metadata describes. `source` is a
-    path or an open GGUFFile (so the tokenizer can come from the same parse)."""
+    (float32 by default), validated against the config its metadata describes (passed through
+    `adapt_config` when given, e.g. for a classifier's labels). `source` is a path or an open
+    GGUFFile (so the tokenizer can come from the same parse)."""
     from pocketlm.checkpoint import _resolve_dtype, model_from_tensors, output_head_names
     from pocketlm.model import Transformer
 
     if not isinstance(source, GGUFFile):
         with GGUFFile(source) as f:
-            return load_gguf(f, device, dtype, cls)
+            return load_gguf(f, device, dtype, cls, adapt_config)
     f, path = source, source.path
     cls = cls or Transformer
     config = config_from_gguf(f)
+    if adapt_config is not None:
+        config = adapt_config(config)
     on_cpu = device is None or torch.device(device).type == "cpu"
     tensors = state_dict_from_gguf(f, config, _resolve_dtype(dtype, torch.float32),
                                    output_head_names(config) if on_cpu else ())

@@ -70,6 +70,30 @@ def read_labelled(path: str | os.PathLike, *, text_field: str = "text", label_fi
     return examples
 
 
+def read_texts(path: str | os.PathLike, *, text_field: str = "text", label_field: str = "label",
+               labels: Sequence[str] | None = None) -> tuple[list[str], list[str] | None]:
+    """The texts of a CSV, TSV or JSONL file (or a `sentiment` name) in file order, and their
+    labels when the first record has `label_field` (then every record must), else None: what a
+    classifier labels, and scores itself against when the file holds the answers. With `labels`,
+    a label outside them is an error."""
+    path = _resolve(path)
+    texts, gold = [], []
+    for number, text, label in _records(path, text_field, label_field, label_optional=True):
+        if gold and (gold[0] is None) != (label is None):
+            raise DataError(f"{path}:{number}: {'a' if gold[0] is None else 'no'} label ('{label_field}') where the "
+                            f"first record has {'none' if gold[0] is None else 'one'}; label every record or none")
+        if not text.strip():
+            raise DataError(f"{path}:{number}: the text ('{text_field}') is empty; remove the line or give it text")
+        if labels is not None and label is not None and label not in labels:
+            raise DataError(f"{path}:{number}: label {label!r} is not one of the labels ({', '.join(labels)}); "
+                            "fix the line")
+        texts.append(text)
+        gold.append(label)
+    if not texts:
+        raise DataError(f"{path} holds no texts")
+    return texts, None if gold[0] is None else gold
+
+
 def label_names(examples: Sequence[Example], labels: Sequence[str] | None = None) -> list[str]:
     """The label set in its fixed order: `labels` as given, else the labels of `examples` sorted."""
     if labels is not None:
@@ -131,28 +155,34 @@ def _resolve(path: str | os.PathLike) -> Path:
     return path
 
 
-def _records(path: Path, text_field: str, label_field: str) -> Iterator[tuple[int, str, str]]:
-    """(line number, text, label) of each record, the label stripped of surrounding spaces."""
+def _records(path: Path, text_field: str, label_field: str,
+             label_optional: bool = False) -> Iterator[tuple[int, str, str | None]]:
+    """(line number, text, label) of each record, the label stripped of surrounding spaces (None
+    for a record without one, when label_optional)."""
     try:
         with open(path, encoding="utf-8-sig", errors="strict", newline="") as f:  # -sig: Excel's BOM
             rows = _jsonl_rows(f, path) if path.suffix.lower() == ".jsonl" else _table_rows(f, path)
             for number, row in rows:
-                yield number, *_fields(row, path, number, text_field, label_field)
+                yield number, *_fields(row, path, number, text_field, label_field, label_optional)
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8 first") from None
 
 
-def _fields(row: dict, path: Path, number: int, text_field: str, label_field: str) -> tuple[str, str]:
-    for field in (text_field, label_field):
+def _fields(row: dict, path: Path, number: int, text_field: str, label_field: str,
+            label_optional: bool = False) -> tuple[str, str | None]:
+    unlabelled = label_optional and row.get(label_field) is None
+    for field in (text_field,) if unlabelled else (text_field, label_field):
         if row.get(field) is None:
             raise DataError(f"{path}:{number}: no field {field!r} (it has {', '.join(map(repr, row)) or 'none'}); "
                             f"name the fields with --text-field / --label-field")
-    text, label = row[text_field], row[label_field]
+    text, label = row[text_field], "" if unlabelled else row[label_field]
     if isinstance(label, int) and not isinstance(label, bool):
         label = str(label)
     if not isinstance(text, str) or not isinstance(label, str):
         raise DataError(f"{path}:{number}: {text_field!r} and {label_field!r} must be strings "
                         f"(a label may be an integer), got {type(text).__name__} and {type(label).__name__}")
+    if unlabelled:
+        return text, None
     if not label.strip():
         raise DataError(f"{path}:{number}: the label ('{label_field}') is empty")
     return text, label.strip()

@@ -23,6 +23,9 @@ from pocketlm.packing import unpack_linears
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# a SEQ_CLS adapter's labels, which peft does not record: config.json's id2label, label2id and
+# problem_type under the same keys, so the classifier loads with its label names
+LABEL_CONFIG = "label_config.json"
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PREFIX = "base_model.model."  # what peft puts before the transformers model's own tensor names
@@ -153,6 +156,12 @@ def lora_layers(model: Transformer) -> dict[str, nn.Module]:
     return found
 
 
+def layer_names(model: Transformer) -> list[str]:
+    """The names of the layers adapters may target (q_proj ... down_proj; c_attn, c_proj, c_fc for
+    GPT-2): every linear layer of the blocks, as peft's "all-linear" picks them."""
+    return sorted({name.rsplit(".", 1)[-1] for name in _units(model)})
+
+
 def _check_supported(model: nn.Module) -> None:
     if not isinstance(model, Transformer):
         raise ConfigError(f"LoRA applies to pocketlm models, got {type(model).__name__}")
@@ -250,6 +259,10 @@ def save_adapter(model: Transformer, folder: str | Path, base_model_name_or_path
         "init_lora_weights": True,
         "inference_mode": True,
     })
+    if config.task_type == "SEQ_CLS" and model.config.id2label is not None:
+        c = model.config
+        atomic_write_json(folder / LABEL_CONFIG, {"id2label": {str(i): label for i, label in c.id2label.items()},
+                                                  "label2id": c.label2id, "problem_type": c.problem_type})
     return folder
 
 
@@ -274,6 +287,33 @@ def read_adapter_config(folder: str | Path) -> LoraConfig:
         raise ConfigError(f"{path}: modules_to_save {sorted(extra)} are not supported (only {HEAD!r})")
     return LoraConfig(r=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
                       targets=tuple(targets), task_type=raw.get("task_type") or "CAUSAL_LM")
+
+
+def read_labels(folder: str | Path) -> dict:
+    """The label settings of the classification (SEQ_CLS) adapter in `folder`: those of its
+    label_config.json, else labels LABEL_0.. LABEL_{n-1} for the n rows of its saved `score`
+    head (what an adapter saved by peft gives, as transformers names unnamed labels); {} for a
+    CAUSAL_LM adapter."""
+    folder = Path(folder)
+    if read_adapter_config(folder).task_type != "SEQ_CLS":
+        return {}
+    path = folder / LABEL_CONFIG
+    if path.is_file():
+        raw = read_json(path, "adapter label config")
+        if not isinstance(raw, dict) or not isinstance(raw.get("id2label"), dict) or not raw["id2label"]:
+            raise FormatError(f"{path} must hold a JSON object with id2label, e.g. "
+                              '{"id2label": {"0": "negative", "1": "positive"}}')
+        return {key: raw.get(key) for key in ("id2label", "label2id", "problem_type")}
+    from pocketlm.checkpoint import read_safetensors_header
+
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise NotFoundError(f"LoRA adapter weights not found: {folder / ADAPTER_WEIGHTS}")
+    header, _ = read_safetensors_header(folder / ADAPTER_WEIGHTS)
+    shape = header.get(f"{_PREFIX}{HEAD}.weight", {}).get("shape")
+    if not shape:
+        raise FormatError(f"{folder / ADAPTER_WEIGHTS} is a SEQ_CLS adapter without the {HEAD!r} head "
+                          f"({_PREFIX}{HEAD}.weight)")
+    return {"id2label": {i: f"LABEL_{i}" for i in range(shape[0])}, "label2id": None}
 
 
 def load_adapter(model: Transformer, folder: str | Path) -> Transformer:

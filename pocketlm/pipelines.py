@@ -4,6 +4,8 @@
     clf(["a great film", "a dull plot"])  # [{"label": "positive", "score": 0.97}, ...]
     gen = pipeline("text-generation", model="runs/demo")
     gen("Once upon a time", max_new_tokens=20, do_sample=False)  # [{"generated_text": "Once upon..."}]
+    zs = pipeline("zero-shot-classification", model="smollm2-135m-instruct")
+    zs("a great film", candidate_labels=["positive", "negative"])  # {"sequence", "labels", "scores"}
 
 This module sits on top of `api` and `generate`; nothing below imports it.
 """
@@ -19,19 +21,25 @@ from pocketlm import registry
 from pocketlm.api import AutoConfig, AutoTokenizer, CausalLM, SequenceClassification
 from pocketlm.config import resolve_device
 from pocketlm.errors import ConfigError
+from pocketlm.zeroshot import ZeroShotClassifier
 
 
 def pipeline(task: str, model: Any = None, tokenizer=None, device=None, **kwargs) -> "Pipeline":
-    """A callable for `task` ("text-classification", its alias "sentiment-analysis", or
-    "text-generation") on `model`: anything pocketlm loads (checkpoint folder, run folder, GGUF
-    file, registry name) or a loaded model object, which then needs `tokenizer=` as in
-    transformers. Other keywords become the call's defaults (`batch_size=8`, `max_new_tokens=20`)."""
+    """A callable for `task` ("text-classification", its alias "sentiment-analysis",
+    "zero-shot-classification" or "text-generation") on `model`: anything pocketlm loads
+    (checkpoint folder, run folder, GGUF file, registry name) or a loaded model object, which then
+    needs `tokenizer=` as in transformers. Other keywords become the call's defaults
+    (`batch_size=8`, `max_new_tokens=20`, `candidate_labels=[...]`). Text classification with a
+    causal LM needs `candidate_labels=`: the labels are then scored zero-shot (pocketlm.zeroshot)."""
     if task not in _TASKS:
         raise ConfigError(f"unknown pipeline task {task!r}; pocketlm knows {', '.join(sorted(_TASKS))}")
     if model is None:
         raise ConfigError(f"pipeline({task!r}) needs model=: a checkpoint folder, run folder, GGUF file or "
                           "registry name (pocketlm downloads no default model)")
-    return _TASKS[task](task, model, tokenizer, device, kwargs)
+    kind = _TASKS[task]
+    if kind is TextClassificationPipeline and "candidate_labels" in kwargs:
+        kind = ZeroShotTextClassificationPipeline
+    return kind(task, model, tokenizer, device, kwargs)
 
 
 class Pipeline:
@@ -77,8 +85,8 @@ class TextClassificationPipeline(Pipeline):
         if config.id2label is None:
             raise ConfigError(f"pipeline({task!r}) needs a sequence-classification checkpoint (config.json with "
                               "id2label), such as the output of `pocketlm finetune classify`; this model is a "
-                              "causal LM. Fine-tune it for classification first (a zero-shot scorer that asks a "
-                              "causal LM is planned but not here yet)")
+                              "causal LM. Pass candidate_labels=[...] to have it score the labels zero-shot "
+                              "(or use pipeline('zero-shot-classification', ...)), or fine-tune it first")
 
     def __call__(self, texts: str | list[str], **kwargs) -> list:
         options = {"top_k": 1, "batch_size": 1, **self.defaults, **kwargs}
@@ -106,6 +114,10 @@ class TextClassificationPipeline(Pipeline):
             return logits.sigmoid()  # each label on its own, as transformers decides
         return logits.softmax(-1)
 
+    @property
+    def id2label(self) -> dict[int, str]:
+        return self.model.config.id2label
+
     def _padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows padded with the model's pad token: the classifier reads each text at its last
         token that is not config.pad_token_id, so padding with any other id (a tokenizer whose pad
@@ -120,8 +132,97 @@ class TextClassificationPipeline(Pipeline):
 
     def _labelled(self, scores: torch.Tensor, top_k: int | None) -> list[dict[str, Any]]:
         order = scores.argsort(descending=True, stable=True)[:top_k]
-        names = self.model.config.id2label
+        names = self.id2label
         return [{"label": names[int(i)], "score": scores[i].item()} for i in order]
+
+
+class ZeroShotTextClassificationPipeline(TextClassificationPipeline):
+    """text-classification on a causal LM given `candidate_labels=` (and optionally `instruction=`
+    and `chat=`, see ZeroShotClassifier): the zero-shot label probabilities, in
+    text-classification's output and with its options."""
+
+    kind = CausalLM
+
+    def __init__(self, task: str, model: Any, tokenizer, device, defaults: dict[str, Any]):
+        defaults = dict(defaults)
+        labels = _label_list(defaults.pop("candidate_labels"))
+        instruction, chat = defaults.pop("instruction", None), defaults.pop("chat", False)
+        super().__init__(task, model, tokenizer, device, defaults)
+        self.classifier = ZeroShotClassifier(self.model, self.tokenizer, labels, instruction, chat)
+
+    def _check_kind(self, task: str, config) -> None:
+        if config.id2label is not None:
+            raise ConfigError(f"candidate_labels= has a causal LM score labels zero-shot; this checkpoint is a "
+                              f"sequence classifier with its own labels ({', '.join(config.id2label.values())}): "
+                              "drop candidate_labels")
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.classifier.labels))
+
+    def _scores(self, texts: list[str]) -> torch.Tensor:
+        loglik = self.classifier.log_likelihoods(texts, batch_size=len(texts))
+        # one label alone: its own probability, as the zero-shot pipeline gives it
+        return loglik.exp() if loglik.shape[-1] == 1 else loglik.softmax(-1)
+
+
+class ZeroShotClassificationPipeline(Pipeline):
+    """`zs(texts, candidate_labels=[...])` → `{"sequence", "labels", "scores"}` per text, labels
+    best first, as transformers' zero-shot-classification (a single string gives one dict).
+    pocketlm asks a causal LM instead of an NLI model: each label's likelihood after an
+    instruction (pocketlm.zeroshot), so `instruction=` (with {text} and {labels}) takes the place
+    of `hypothesis_template`. Scores sum to 1 over the labels; with `multi_label=True` or a single
+    label each score is the model's own probability of that label's tokens. `candidate_labels`
+    may be a comma-separated string; `chat=` picks the prompt form; `batch_size=1` by default."""
+
+    kind = CausalLM
+    options = ("candidate_labels", "instruction", "chat", "multi_label", "batch_size")
+
+    def _check_kind(self, task: str, config) -> None:
+        if config.id2label is not None:
+            raise ConfigError(f"pipeline({task!r}) asks a causal LM; this checkpoint is a sequence classifier "
+                              "(its config.json has id2label): use pipeline('text-classification', model=...)")
+
+    def __call__(self, sequences: str | list[str], *args, **kwargs):
+        if args:
+            if len(args) > 1 or "candidate_labels" in kwargs:
+                raise ConfigError("zero-shot-classification takes the texts and, at most, the candidate labels "
+                                  "as positional arguments")
+            kwargs["candidate_labels"] = args[0]
+        options = {"batch_size": 1, "multi_label": False, "instruction": None, "chat": False,
+                   **self.defaults, **kwargs}
+        if "hypothesis_template" in options:
+            raise ConfigError("hypothesis_template is for NLI models; pocketlm's zero-shot scorer asks a causal LM, "
+                              "so pass instruction= with {text} (and {labels}) instead")
+        unknown = set(options) - set(self.options)
+        if unknown:
+            raise ConfigError(f"zero-shot-classification does not know {', '.join(sorted(unknown))}; "
+                              f"it takes {', '.join(self.options)}")
+        if options.get("candidate_labels") is None:
+            raise ConfigError("zero-shot-classification needs candidate_labels=[...]: the label names to choose from")
+        labels = _label_list(options["candidate_labels"])
+        classifier = ZeroShotClassifier(self.model, self.tokenizer, labels, options["instruction"], options["chat"])
+        single = isinstance(sequences, str)
+        texts = [sequences] if single else list(sequences)
+        loglik = classifier.log_likelihoods(texts, options["batch_size"])
+        independent = options["multi_label"] or len(labels) == 1
+        scores = loglik.exp() if independent else loglik.softmax(-1)
+        results = []
+        for text, row in zip(texts, scores):
+            order = row.argsort(descending=True, stable=True).tolist()
+            results.append({"sequence": text, "labels": [labels[i] for i in order],
+                            "scores": [row[i].item() for i in order]})
+        return results[0] if single else results
+
+
+def _label_list(labels) -> list[str]:
+    """Candidate labels as a list: a list of names, or one comma-separated string (as transformers reads it)."""
+    if isinstance(labels, str):
+        return [label.strip() for label in labels.split(",") if label.strip()]
+    if not isinstance(labels, (list, tuple)) or not all(isinstance(label, str) for label in labels):
+        raise ConfigError(f"candidate_labels must be a list of label names or a comma-separated string, "
+                          f"got {labels!r:.80}")
+    return list(labels)
 
 
 class TextGenerationPipeline(Pipeline):
@@ -165,4 +266,4 @@ def _is_chat(value) -> bool:
 
 
 _TASKS = {"text-classification": TextClassificationPipeline, "sentiment-analysis": TextClassificationPipeline,
-          "text-generation": TextGenerationPipeline}
+          "text-generation": TextGenerationPipeline, "zero-shot-classification": ZeroShotClassificationPipeline}

@@ -90,36 +90,109 @@ class ModelRef:
     loader both take it, so neither looks the reference up again."""
     given: str  # what the user wrote: a path, a run folder or a registry name
     path: Path  # the file or folder to read
-    kind: str  # "gguf" (a GGUF file), "folder" (a checkpoint folder) or "file" (any other file)
+    kind: str  # "gguf" (a GGUF file), "folder" (a checkpoint folder), "adapter" (a LoRA adapter
+    #            folder, applied to `base`) or "file" (any other file)
+    base: "ModelRef | None" = None  # an adapter's base model, itself resolved
 
     def __fspath__(self) -> str:
         return str(self.path)
 
 
-def resolve(model: "str | os.PathLike | ModelRef", unknown: str | None = None) -> ModelRef:
-    """What a reference names: a path as given, the newest complete checkpoint of a training run
-    folder, or the local file of a pulled registry name. NotFoundError when it names nothing,
-    with `unknown` as its message when given (a CLI flag says what it takes)."""
-    if isinstance(model, ModelRef):
+def resolve(model: "str | os.PathLike | ModelRef", unknown: str | None = None,
+            base: "str | os.PathLike | ModelRef | None" = None) -> ModelRef:
+    """What a reference names: a path as given, the checkpoint of a training run folder (the one
+    a fine-tune marked best, else the newest complete one), or the local file of a pulled
+    registry name. A LoRA adapter folder (adapter_config.json, no config.json) comes with its
+    base resolved too: `base` when given, else the base the adapter records (see adapter_base).
+    NotFoundError when it names nothing, with `unknown` as its message when given (a CLI flag
+    says what it takes)."""
+    if isinstance(model, ModelRef) and (base is None or model.kind != "adapter"):
+        if base is not None:
+            raise ConfigError(_NOT_AN_ADAPTER.format(given=model.given, base=str(base)))
         return model
-    from pocketlm.checkpoint import is_run_folder, newest_checkpoint, not_local_message
+    from pocketlm.checkpoint import best_checkpoint, is_run_folder, newest_checkpoint, not_local_message
 
-    given = str(model)
-    path = Path(model).expanduser()
+    given = str(model.given if isinstance(model, ModelRef) else model)
+    path = Path(model.path if isinstance(model, ModelRef) else model).expanduser()
     if is_run_folder(path):
-        newest = newest_checkpoint(path / "checkpoints")
-        if newest is None:
+        chosen = best_checkpoint(path) or newest_checkpoint(path / "checkpoints")
+        if chosen is None:
             raise NotFoundError(f"{path} is a training run folder without a complete checkpoint yet; "
                                 "train until the first evaluation saves one")
-        path = newest
+        path = chosen
     elif not path.exists() and given in MODELS:
         if not is_pulled(given):
             raise NotFoundError(f"{given!r} is a registry model that is not pulled yet; run `pocketlm pull {given}`")
         path = local_path(given)
     if not path.exists():
         raise NotFoundError(unknown or not_local_message(given))
+    if is_adapter_folder(path):
+        return ModelRef(given=given, path=path, kind="adapter", base=adapter_base(path, base))
+    if base is not None:
+        raise ConfigError(_NOT_AN_ADAPTER.format(given=given, base=str(base)))
     kind = "folder" if path.is_dir() else "gguf" if _starts_with_gguf_magic(path) else "file"
     return ModelRef(given=given, path=path, kind=kind)
+
+
+def check_out_apart_from(out: str | os.PathLike, base: ModelRef) -> None:
+    """A fine-tune or merge never writes into its base model's folder — nor into the training run
+    folder around it when the base is one of that run's checkpoints — and never holds its base
+    inside its own output folder (pruning could delete it)."""
+    from pocketlm.checkpoint import CHECKPOINTS
+
+    out = Path(out).absolute().resolve()
+    folder = base.path.absolute().resolve()
+    if not folder.is_dir():
+        return  # a GGUF file or other single file: its folder is not the model
+    keep_out = [folder, folder.parent.parent] if folder.parent.name == CHECKPOINTS else [folder]
+    if any(out == f or f in out.parents for f in keep_out) or out in folder.parents:
+        raise ConfigError(f"--out {out} overlaps the base model's folder {folder}; a fine-tune never writes into "
+                          "its base model's folder: choose --out elsewhere")
+
+
+def is_adapter_folder(path: Path) -> bool:
+    """A LoRA adapter folder (PEFT layout). One with config.json too is a checkpoint folder."""
+    from pocketlm.lora import ADAPTER_CONFIG
+
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").exists()
+
+
+def adapter_base(folder: Path, base: "str | os.PathLike | ModelRef | None" = None) -> ModelRef:
+    """The base model of the adapter in `folder`: `base` when given, else its adapter_config.json's
+    base_model_name_or_path — an absolute path, a path relative to the adapter folder (so a
+    folder that carries its base beside it can move), or a registry name."""
+    from pocketlm.files import read_json
+    from pocketlm.lora import ADAPTER_CONFIG
+
+    if base is None:
+        raw = read_json(folder / ADAPTER_CONFIG, "LoRA adapter config")
+        recorded = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
+        if not isinstance(recorded, str) or not recorded:
+            raise NotFoundError(f"the LoRA adapter {folder} does not record its base model "
+                                f"(base_model_name_or_path is {recorded!r}); {_PASS_BASE}")
+        near = folder / Path(recorded).expanduser()  # an absolute path stays as it is
+        base = near if near.exists() or recorded not in MODELS else recorded
+    else:
+        recorded = str(base.given if isinstance(base, ModelRef) else base)
+    try:
+        found = resolve(base)
+    except NotFoundError as e:
+        raise NotFoundError(f"the base model {recorded!r} of the LoRA adapter {folder} cannot be loaded: "
+                            f"{e}. {_PASS_BASE}") from None
+    if found.kind == "adapter":
+        raise ConfigError(f"the base {recorded!r} of the LoRA adapter {folder} is itself an adapter; merge it "
+                          "first (`pocketlm merge-lora`) and name the merged folder as the base")
+    if found.kind == "file":
+        raise NotFoundError(f"the base {recorded!r} of the LoRA adapter {folder} is a file but not a GGUF model. "
+                            f"{_PASS_BASE}")
+    return found
+
+
+_NOT_AN_ADAPTER = ("{given} is not a LoRA adapter folder (adapter_config.json + adapter_model.safetensors), "
+                   "so a base model ({base!r}) means nothing for it")
+_PASS_BASE = ("pass the base explicitly: from_pretrained(ADAPTER, base_model=BASE) in Python, or "
+              "`pocketlm merge-lora BASE ADAPTER --out DIR` for a plain model folder, where BASE is a "
+              "checkpoint folder, GGUF file or registry name")
 
 
 def _starts_with_gguf_magic(path: Path) -> bool:

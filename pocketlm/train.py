@@ -1,8 +1,13 @@
-"""Training: one `Trainer` that maximises the likelihood of each next token, and the run folder it
-keeps.
+"""Training: one `Trainer` loop for every task, and the run folder it keeps.
+
+A task (`Task`) plugs into the loop what differs between pretraining and fine-tuning: the model it
+starts from, its batches, the loss of a batch and what an evaluation measures. `Pretraining`
+(here) maximises the likelihood of each next token on prepared shards; the fine-tuning tasks
+(classification, chat instruction tuning, either with LoRA) are in pocketlm.finetune.
 
 A run folder holds `train_config.json` and `model_config.json` (the resolved settings),
-`metrics.csv` (step, train_loss, val_loss, lr, tokens_per_s), `loss.png` (with the `plot` extra)
+`metrics.csv` (step, train_loss, val_loss, lr, tokens_per_s and the task's own metrics, such as
+val_accuracy), `best.json` (a fine-tune's best checkpoint), `loss.png` (with the `plot` extra)
 and `checkpoints/step-NNNNNNN/`: each a Hugging Face folder (it loads in `pocketlm generate` and
 in transformers) plus the training state — `training_state.safetensors` (optimizer moments, RNG
 states, the data position) and `trainer_state.json`, written last. A checkpoint is written into
@@ -221,7 +226,8 @@ class Task:
     so the ranks of a distributed run add theirs up before `summarize` turns them into metrics."""
 
     metrics: tuple[str, ...] = ()  # metrics.csv columns after step, train_loss, val_loss, lr, tokens_per_s
-    best: str | None = None  # the metric whose highest value marks the best checkpoint (RUN/best.json)
+    best: str | None = None  # the metric that marks the best checkpoint (RUN/best.json) ...
+    best_is_highest: bool = True  # ... by its highest value, or its lowest
     tokenizer: Any
     batches: Any  # next(), state() -> tensor, restore(tensor)
 
@@ -760,8 +766,9 @@ class Trainer:
         value = evaluated.get(metric) if metric else None
         if not isinstance(value, float) or not math.isfinite(value):
             return
-        if self.best is not None and self.best.get("value", -math.inf) >= value \
-                and best_checkpoint(self.out) is not None:
+        sign = 1 if self.task.best_is_highest else -1
+        if self.best is not None and isinstance(self.best.get("value"), float) \
+                and sign * self.best["value"] >= sign * value and best_checkpoint(self.out) is not None:
             return
         self.best = {"checkpoint": saved.name, "metric": metric, "value": value, "step": self.step}
         atomic_write_json(self.out / BEST_JSON, self.best)

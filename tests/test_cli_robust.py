@@ -100,10 +100,10 @@ def test_model_and_tokenizer_resolve_the_reference_once(folder, monkeypatch):
     seen = []
     original = registry.resolve
 
-    def counting(model):
+    def counting(model, **keywords):
         if not isinstance(model, registry.ModelRef):
             seen.append(model)
-        return original(model)
+        return original(model, **keywords)
 
     monkeypatch.setattr(registry, "resolve", counting)
     model, tokenizer = load_model_and_tokenizer(folder)

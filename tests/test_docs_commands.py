@@ -27,6 +27,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NOT_RUN = {
     "data/shakespeare": "tokenizing the whole bundled corpus takes minutes",
     "runs/baby": "a 2000-step training run",
+    "runs/sentiment": "a fine-tune of SmolLM2 on the sentiment set: minutes (make demo runs a short one)",
+    "runs/chatterbot": "instruction-tuning SmolLM2 on the chatterbot corpus: minutes",
 }
 # a synopsis line shows placeholders (MODEL, FILE|DIR, [--flag], INPUT...), not a command
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z_|]{2,}(\.\.\.)?$|^\[|\]$")
