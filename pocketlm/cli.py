@@ -626,6 +626,18 @@ def cmd_train(args) -> int:
     if trainer.dist.main and last:
         print(f"train loss {last['train_loss']:.4f}, validation loss {last['val_loss']:.4f}; "
               f"checkpoints in {trainer.checkpoints}")
+    return _finished(trainer)
+
+
+def _finished(trainer) -> int:
+    """Exit status 0; a torchrun process leaves at once. Its process group is closed by now, but
+    the communication library's native threads can still abort the interpreter's teardown
+    ("terminate called without an active exception"), failing a run that succeeded; everything is
+    written, so nothing is lost by skipping that teardown."""
+    if trainer.dist.world_size > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -666,7 +678,7 @@ def cmd_finetune(args) -> int:
                else f"pocketlm chat {config.out}")
         print(f"train loss {last['train_loss']:.4f}, validation loss {last['val_loss']:.4f}{scores}{kept}. "
               f"The run folder loads as its best checkpoint: {use}")
-    return 0
+    return _finished(trainer)
 
 
 def cmd_eval(args) -> int:

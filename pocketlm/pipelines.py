@@ -161,9 +161,10 @@ class ZeroShotTextClassificationPipeline(TextClassificationPipeline):
         return dict(enumerate(self.classifier.labels))
 
     def _scores(self, texts: list[str]) -> torch.Tensor:
-        loglik = self.classifier.log_likelihoods(texts, batch_size=len(texts))
         # one label alone: its own probability, as the zero-shot pipeline gives it
-        return loglik.exp() if loglik.shape[-1] == 1 else loglik.softmax(-1)
+        if len(self.classifier.labels) == 1:
+            return self.classifier.log_likelihoods(texts, batch_size=len(texts)).exp()
+        return self.classifier.scores(texts, batch_size=len(texts))
 
 
 class ZeroShotClassificationPipeline(Pipeline):
@@ -204,9 +205,9 @@ class ZeroShotClassificationPipeline(Pipeline):
         classifier = ZeroShotClassifier(self.model, self.tokenizer, labels, options["instruction"], options["chat"])
         single = isinstance(sequences, str)
         texts = [sequences] if single else list(sequences)
-        loglik = classifier.log_likelihoods(texts, options["batch_size"])
-        independent = options["multi_label"] or len(labels) == 1
-        scores = loglik.exp() if independent else loglik.softmax(-1)
+        independent = options["multi_label"] or len(labels) == 1  # each label's own probability
+        scores = (classifier.log_likelihoods(texts, options["batch_size"]).exp() if independent
+                  else classifier.scores(texts, options["batch_size"]))
         results = []
         for text, row in zip(texts, scores):
             order = row.argsort(descending=True, stable=True).tolist()

@@ -14,6 +14,13 @@ the assistant's answer. Plain is the default because it was the more accurate: o
 the held-out sentiment test split SmolLM2-135M-Instruct scored 71% plain (68% on all 2,113), and
 54% in the chat form, where it answered "positive" to every text (docs/cli.md has the figures).
 
+Calibrated by default (`calibrate=True`): a small model leans towards some labels whatever the
+text — towards the label named last in the instruction, say — so each label's log-likelihood for
+a text is measured against its mean over content-free texts ("N/A", "", "[MASK]"), as contextual
+calibration does. On 300 texts of the test split this took SmolLM2-135M-Instruct from 49% or 71%
+(the labels listed as "negative, positive" or "positive, negative") to 66% or 69%: much less
+dependent on how the prompt happens to be worded. `calibrate=False` scores the raw likelihoods.
+
 A label's tokens are those the tokenizer gives for prompt + label beyond the prompt's own tokens
 (the label tokenized alone when a merge crosses the boundary), so the model reads the label as it
 would read it in running text.
@@ -29,6 +36,7 @@ import torch
 from pocketlm.errors import ConfigError, ContextLengthError
 
 DEFAULT_INSTRUCTION = "Classify the text as one of: {labels}.\nText: {text}\nLabel:"
+CONTENT_FREE = ("N/A", "", "[MASK]")  # texts that say nothing, for calibration
 _FIELD = re.compile(r"\{(text|labels)\}")
 
 
@@ -39,7 +47,7 @@ class ZeroShotClassifier:
     chat template instead of plain text (see the module docstring)."""
 
     def __init__(self, model, tokenizer, labels: Sequence[str], instruction: str | None = None,
-                 chat: bool = False):
+                 chat: bool = False, calibrate: bool = True):
         labels = list(labels)
         if not labels or not all(isinstance(label, str) and label.strip() for label in labels) \
                 or len(set(labels)) != len(labels):
@@ -53,7 +61,8 @@ class ZeroShotClassifier:
         if chat and tokenizer.chat_template is None:
             raise ConfigError("chat=True needs a tokenizer with a chat template; this one has none (use chat=False)")
         self.model, self.tokenizer, self.labels = model, tokenizer, labels
-        self.instruction, self.chat = instruction, chat
+        self.instruction, self.chat, self.calibrate = instruction, chat, calibrate
+        self._bias: torch.Tensor | None = None
 
     def prompt(self, text: str) -> str:
         """The prompt text for `text`, as the model reads it before the label."""
@@ -79,13 +88,22 @@ class ZeroShotClassifier:
         parts = [self._batch(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
         return torch.cat(parts) if parts else torch.empty(0, len(self.labels))
 
+    def logits(self, texts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
+        """(N, num_labels): the log-likelihoods, less their content-free means when calibrating."""
+        found = self.log_likelihoods(texts, batch_size)
+        if not self.calibrate:
+            return found
+        if self._bias is None:
+            self._bias = self.log_likelihoods(CONTENT_FREE, len(CONTENT_FREE)).mean(0)
+        return found - self._bias
+
     def scores(self, texts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
-        """(N, num_labels): each text's label probabilities (a softmax over the log-likelihoods)."""
-        return self.log_likelihoods(texts, batch_size).softmax(-1)
+        """(N, num_labels): each text's label probabilities (a softmax over `logits`)."""
+        return self.logits(texts, batch_size).softmax(-1)
 
     def predict(self, texts: Sequence[str], batch_size: int = 8) -> list[str]:
         """The most likely label of each text."""
-        return [self.labels[i] for i in self.log_likelihoods(texts, batch_size).argmax(-1).tolist()]
+        return [self.labels[i] for i in self.logits(texts, batch_size).argmax(-1).tolist()]
 
     def _tokens(self, text: str) -> tuple[list[int], list[list[int]]]:
         """The prompt's token ids and each label's token ids after it."""

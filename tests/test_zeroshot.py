@@ -12,7 +12,7 @@ from pocketlm import AutoModelForCausalLM, AutoModelForSequenceClassification, C
 from pocketlm.api import AutoTokenizer
 from pocketlm.errors import ContextLengthError
 from pocketlm.tokenizer import Tokenizer
-from pocketlm.zeroshot import ZeroShotClassifier
+from pocketlm.zeroshot import CONTENT_FREE, ZeroShotClassifier
 
 TEXTS = ["the movie was good", "a bad film", "a great story, a poor plot. the film was bad.", "good", ""]
 # one-token and several-token labels, two sharing their first token: every way rows are shared
@@ -63,8 +63,14 @@ def test_scores_are_the_label_log_likelihoods(folders, arch, chat):
     for batch_size in (1, 2, len(TEXTS)):
         got = clf.log_likelihoods(TEXTS, batch_size=batch_size)
         torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=0)
-    torch.testing.assert_close(clf.scores(TEXTS), want.softmax(-1).float(), atol=1e-5, rtol=0)
-    assert clf.predict(TEXTS) == [LABELS[i] for i in want.argmax(-1)]
+    # calibrated (the default): measured against the mean over content-free texts
+    with torch.no_grad():
+        free = loop_log_likelihoods(lambda ids: model(ids).logits, tok, [clf.prompt(t) for t in CONTENT_FREE],
+                                    [clf.continuation(label) for label in LABELS], special=not chat).mean(0)
+    torch.testing.assert_close(clf.scores(TEXTS), (want - free).softmax(-1).float(), atol=1e-5, rtol=0)
+    assert clf.predict(TEXTS) == [LABELS[i] for i in (want - free).argmax(-1)]
+    raw = ZeroShotClassifier(model, tok, LABELS, chat=chat, calibrate=False)
+    torch.testing.assert_close(raw.scores(TEXTS), want.softmax(-1).float(), atol=1e-5, rtol=0)
 
 
 def test_scores_match_transformers_model(folders):
