@@ -58,7 +58,7 @@ demo: $(VENV)/.installed-demo data/shakespeare/train.json
 	@echo "--- fine-tuning: LoRA adapters teach SmolLM2 to classify movie-review sentences as positive or negative"
 	rm -rf runs/sentiment
 	$(POCKETLM) finetune classify --model smollm2-135m-instruct --train sentiment --out runs/sentiment --lora \
-		--max-steps 60 --eval-every 60 --val-frac 0.02
+		--max-steps 100 --eval-every 100 --val-frac 0.02
 	$(POCKETLM) classify runs/sentiment "A gorgeous, witty, seductive movie."
 	$(POCKETLM) classify runs/sentiment "The plot is a mess and the acting is even worse."
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from _common import command_line, machine_description, publish
 
-HEADING = "## Fine-tuning (issue 11)"
+HEADING = "## Fine-tuning (bench/finetune.py)"
 PART_A = "### A. Sentiment accuracy on the held-out movie snippets"
 PART_B = "### B. LoRA speed and memory: pocketlm vs transformers + peft"
 BASE = "smollm2-135m-instruct"

@@ -12,6 +12,7 @@ models come from `from_config` with a `ModelConfig` or a preset name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -118,7 +119,8 @@ class PretrainedModel:
         if task == "SEQ_CLS" and not issubclass(cls, SequenceClassifier):
             raise ConfigError(f"{ref.path} is a classification adapter (task_type SEQ_CLS); load it with "
                               "AutoModelForSequenceClassification.from_pretrained or pipeline('text-classification')")
-        model = cls._load(ref.base, **load)
+        with checkpoint.heads_supplied() if task == "SEQ_CLS" else contextlib.nullcontext():
+            model = cls._load(ref.base, **load)  # (the adapter holds the trained head)
         checkpoint.check_tokenizer_fits(ref.path, model.config)  # the adapter folder's own tokenizer
         try:
             lora.load_adapter(model, ref.path)

@@ -10,6 +10,8 @@ before a tensor is read, and pickle files load only when the caller opts in.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import re
@@ -260,6 +262,20 @@ def load_pretrained(path: str | Path, device=None, dtype=None, allow_pickle: boo
     return model_from_tensors(cls, config, tensors, where=str(folder), device=device, dtype=target)
 
 
+_HEADS_SUPPLIED = contextvars.ContextVar("heads_supplied", default=False)
+
+
+@contextlib.contextmanager
+def heads_supplied():
+    """Loading a base whose new head something else fills next (an adapter's saved `score`): no
+    warning that the head is untrained."""
+    token = _HEADS_SUPPLIED.set(True)
+    try:
+        yield
+    finally:
+        _HEADS_SUPPLIED.reset(token)
+
+
 def model_from_tensors(cls: type[Transformer], config: ModelConfig, tensors: dict[str, torch.Tensor], *,
                        where: str, device=None, dtype: torch.dtype | None = None) -> Transformer:
     """`cls(config)` holding `tensors` (our names; moved to device/dtype), after checking that
@@ -273,7 +289,7 @@ def model_from_tensors(cls: type[Transformer], config: ModelConfig, tensors: dic
     fresh = sorted(cls.new_on_load - set(tensors))
     if fresh:
         # as transformers does for a head the checkpoint lacks: normal(0, initializer_range)
-        log.warning("%s: %s newly initialised (the checkpoint has no such head); train the model before "
+        (log.debug if _HEADS_SUPPLIED.get() else log.warning)("%s: %s newly initialised (the checkpoint has no such head); train the model before "
                     "using its predictions", where, ", ".join(fresh))
         tensors.update({name: torch.empty(expected[name].shape).normal_(0.0, config.initializer_range)
                         for name in fresh})

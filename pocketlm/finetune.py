@@ -15,6 +15,7 @@ records its base model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -118,7 +119,10 @@ class FineTune(Task):
         if resume_from is not None and not c.lora:
             model = self.model_class.from_pretrained(resume_from, dtype=torch.float32)
         else:
-            model = self.load_base()
+            from pocketlm.checkpoint import heads_supplied
+
+            with heads_supplied() if resume_from is not None else contextlib.nullcontext():
+                model = self.load_base()  # (a resumed adapter holds the trained head)
             if c.lora:
                 from pocketlm.lora import LoraConfig, apply_lora, load_adapter
 
