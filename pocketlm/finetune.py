@@ -15,7 +15,6 @@ records its base model.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -121,8 +120,8 @@ class FineTune(Task):
         else:
             from pocketlm.checkpoint import heads_supplied
 
-            with heads_supplied() if resume_from is not None else contextlib.nullcontext():
-                model = self.load_base()  # (a resumed adapter holds the trained head)
+            with heads_supplied():  # a new classifier head is what this run trains (or resumes)
+                model = self.load_base()
             if c.lora:
                 from pocketlm.lora import LoraConfig, apply_lora, load_adapter
 
