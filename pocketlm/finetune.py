@@ -110,7 +110,7 @@ class FineTune(Task):
             return given
         return str(self.base.path.resolve())
 
-    def load_base(self, **keywords):
+    def load_base(self):
         raise NotImplementedError
 
     def build_model(self, trainer, resume_from: Path | None):
@@ -134,7 +134,7 @@ class FineTune(Task):
         contiguous(model)
         trainer._check_memory(model.config, model.num_parameters(), weights_allocated=trainer.device.type == "cpu")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if dist_main(self.dist):
+        if self.dist.main:
             log.info("training %s of %s parameters (%.2f%%)", f"{trainable:,}", f"{model.num_parameters():,}",
                      100 * trainable / max(1, model.num_parameters()))
         return model
@@ -158,10 +158,6 @@ class FineTune(Task):
     def val_rows(self, examples: list) -> list:
         """This rank's share of the validation examples."""
         return examples[self.dist.rank::self.dist.world_size]
-
-
-def dist_main(dist) -> bool:
-    return dist is None or dist.main
 
 
 def _lora_targets(model, spec: str) -> tuple[str, ...]:
@@ -233,7 +229,7 @@ class Classification(FineTune):
                             "to cut them")
         for i in long:
             examples[i] = (examples[i][0][:limit], examples[i][1])
-        if long and dist_main(self.dist):
+        if long and self.dist.main:
             log.warning("cut %s of %s %s examples to %d tokens (--block-size; --no-truncate refuses them instead)",
                         f"{len(long):,}", f"{len(examples):,}", name, limit)
 
@@ -343,7 +339,7 @@ class InstructionTuning(FineTune):
                     dropped += 1  # its answer was cut away entirely: nothing to learn from it
                     continue
                 rows.append((e.input_ids, e.labels))
-            if (cut or dropped) and dist_main(self.dist):
+            if (cut or dropped) and self.dist.main:
                 log.warning("cut %s of %s %s conversations to %d tokens (--block-size), %s of them left without "
                             "any answer and skipped", f"{cut:,}", f"{len(conversations):,}", name, limit, dropped)
             if not rows:
