@@ -1,0 +1,57 @@
+"""Quantized linear layers (issue 12, first step): GGUF Q8_0 / Q4_0 / Q4_1 blocks repack into
+pocketlm's int8 / int4 layout holding exactly the weights `gguf` dequantizes; quantizing a float
+weight stays within half a step of it; the layer computes x Wᵀ + b with the dequantized weight."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType, quants
+
+from pocketlm.errors import FormatError
+from pocketlm.quant import BLOCK, QuantizedLinear, from_gguf_blocks, quantize
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_blocks_repack_to_exactly_the_same_weights(kind):
+    rng = np.random.default_rng(0)
+    weights = (rng.standard_normal((24, 96)) * rng.uniform(0.01, 2, (24, 1))).astype(np.float32)
+    weights[3, :32] = 0  # an all-zero block
+    raw = quants.quantize(weights, GGMLQuantizationType[kind])
+    expected = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[kind])).reshape(24, 96)
+    layer = from_gguf_blocks(raw.reshape(-1), kind, (24, 96))
+    assert layer.bits == (8 if kind == "Q8_0" else 4)
+    assert torch.equal(layer.dequantize(), expected)
+    x = torch.randn(5, 96)
+    torch.testing.assert_close(layer(x), x @ expected.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_weights_stay_within_half_a_step(bits):
+    torch.manual_seed(0)
+    weight = torch.randn(16, 128) * torch.rand(16, 1) * 3
+    weight[0, :BLOCK] = 0.25  # a constant block
+    bias = torch.randn(16)
+    layer = quantize(weight, bits, bias)
+    blocks = weight.view(16, -1, BLOCK)
+    spread = blocks.abs().amax(-1) / 127 if bits == 8 else (blocks.amax(-1) - blocks.amin(-1)) / 15
+    error = (layer.dequantize() - weight).view(16, -1, BLOCK).abs().amax(-1)
+    # half a step, plus what float16 rounding of the scale (and offset) moves the grid by
+    assert torch.all(error <= spread * 0.51 + blocks.abs().amax(-1) * 2e-3 + 1e-6)
+    if bits == 4:  # a constant block is its offset, exactly
+        assert torch.equal(layer.dequantize()[0, :BLOCK], weight[0, :BLOCK])
+    x = torch.randn(3, 7, 128)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), bias))
+    state = layer.state_dict()
+    again = QuantizedLinear(128, 16, bits, bias)
+    again.load_state_dict(state)
+    assert torch.equal(again(x), layer(x))
+
+
+def test_refusals():
+    with pytest.raises(FormatError, match="divisible by 32"):
+        QuantizedLinear(40, 8, 8)
+    with pytest.raises(FormatError, match="do not repack losslessly"):
+        from_gguf_blocks(np.zeros(10, np.uint8), "Q4_K", (1, 256))
+    with pytest.raises(FormatError, match="do not hold"):
+        from_gguf_blocks(np.zeros(33, np.uint8), "Q8_0", (1, 32))
