@@ -112,3 +112,23 @@ def from_gguf_blocks(raw: np.ndarray, kind: str, shape: tuple[int, int],
         layer.offset.copy_(d * -8)
         layer.q.copy_(blocks[..., 2:].reshape(out, features // 2))
     return layer
+
+
+def quantize_model(model: nn.Module, bits: int) -> int:
+    """Replace, in place, every nn.Linear of the Transformer blocks (attention and MLP
+    projections) by a QuantizedLinear of `bits`; embeddings, norms and the output head stay in
+    floating point. Layers whose input size is not a multiple of 32 stay as they are. Returns the
+    number of layers replaced. The model is for inference from then on."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    replaced = 0
+    for block in model.model.layers:
+        for name, module in list(block.named_modules()):
+            if type(module) is not nn.Linear or module.in_features % BLOCK:
+                continue
+            parent, _, leaf = name.rpartition(".")
+            layer = quantize(module.weight, bits, module.bias)
+            setattr(block.get_submodule(parent) if parent else block, leaf, layer.to(module.weight.device))
+            replaced += 1
+    model.requires_grad_(False)
+    return replaced

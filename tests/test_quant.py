@@ -2,6 +2,8 @@
 pocketlm's int8 / int4 layout holding exactly the weights `gguf` dequantizes; quantizing a float
 weight stays within half a step of it; the layer computes x Wᵀ + b with the dequantized weight."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -55,3 +57,29 @@ def test_refusals():
         from_gguf_blocks(np.zeros(10, np.uint8), "Q4_K", (1, 256))
     with pytest.raises(FormatError, match="do not hold"):
         from_gguf_blocks(np.zeros(33, np.uint8), "Q8_0", (1, 32))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "gpt2-untied"])
+def test_a_quantized_model_follows_its_float_model(name):
+    from conftest import TINY, randomize
+    from pocketlm import ModelConfig
+    from pocketlm.api import CausalLM
+    from pocketlm.quant import quantize_model
+
+    config = ModelConfig(**{**TINY[name], "n_embd": 64, "head_dim": 16 if "llama" in name else None,
+                            "intermediate_size": 128})
+    model = randomize(CausalLM.from_config(config)).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        floats = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        replaced = quantize_model(model, 8)
+        assert replaced == config.n_layer * (7 if "llama" in name else 6)
+        for n, m in model.named_modules():  # each replaced layer holds its own weight, quantized...
+            if isinstance(m, QuantizedLinear):
+                assert torch.allclose(m.dequantize(), floats[n], atol=floats[n].abs().max().item() / 100)
+                reference.get_submodule(n).weight.copy_(m.dequantize())
+        # ...and the model computes what the float model computes with those weights
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+        greedy = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+        assert torch.equal(greedy, reference.generate(ids[:1], max_new_tokens=6, do_sample=False))
