@@ -184,9 +184,8 @@ def apply_lora(model: Transformer, config: LoraConfig) -> Transformer:
     units = _units(model)
     unknown = [t for t in config.targets if not any(_matches(name, t) for name in units)]
     if unknown:
-        existing = sorted({name.rsplit(".", 1)[-1] for name in units})
         raise ConfigError(f"LoRA target(s) {', '.join(unknown)} match no layer of this model; "
-                          f"its layers are: {' '.join(existing)}")
+                          f"its layers are: {' '.join(layer_names(model))}")
     unpack_linears(model)  # a fused q/k/v copy made for fast decoding would bypass the adapters
     model.requires_grad_(False)
     for hf_path, path in units.items():

@@ -7,13 +7,13 @@ and as classifiers."""
 import json
 import shutil
 
-import gguf
 import peft
 import pytest
 import torch
 import transformers
 
 from conftest import TINY, randomize
+from test_gguf import llama_gguf_with_tokenizer
 from pocketlm import AutoModelForSequenceClassification, ConfigError, FormatError, ModelConfig, pipeline, registry
 from pocketlm.api import AutoConfig, AutoTokenizer, CausalLM, load_model_and_tokenizer
 from pocketlm.cli import main
@@ -36,30 +36,8 @@ def bases(tmp_path_factory):
     for family, arch in (("llama", "llama-gqa-tied"), ("gpt2", "gpt2-untied")):
         config = ModelConfig(**TINY[arch] | {"vocab_size": len(tok)}, eos_token_id=tok.eos_token_id)
         randomize(CausalLM.from_config(config), seed=3).save_pretrained(root / family, tokenizer=tok)
-    write_gguf(root / "llama.gguf", CausalLM.from_pretrained(root / "llama"), tok)
+    llama_gguf_with_tokenizer(root / "llama.gguf", CausalLM.from_pretrained(root / "llama"), tok)
     return root
-
-
-def write_gguf(path, model, tok):
-    """`model` as a GGUF file with `tok` (byte-level BPE) in its metadata."""
-    from test_gguf import _llama_gguf
-
-    spec = json.loads(tok._backend.to_str())["model"]
-    tokens = sorted(spec["vocab"], key=spec["vocab"].get)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["merges"]]
-
-    class WithTokenizer(gguf.GGUFWriter):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.add_tokenizer_model("gpt2")
-            self.add_token_list(tokens)
-            self.add_token_merges(merges)
-            self.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
-            self.add_eos_token_id(tok.eos_token_id)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFWriter", WithTokenizer)
-        return _llama_gguf(path, model)
 
 
 def make_adapter(bases, family, folder, base=None, classifier=False, num_labels=2, seed=5):

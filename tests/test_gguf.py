@@ -167,6 +167,28 @@ def test_missing_file(tmp_path):
 
 # --- GGUF → model ---------------------------------------------------------------------------------
 
+def llama_gguf_with_tokenizer(path, model, tok):
+    """`model` as a llama.cpp-style GGUF file with `tok` (a byte-level BPE) in its metadata."""
+    import json
+
+    spec = json.loads(tok._backend.to_str())["model"]
+    tokens = sorted(spec["vocab"], key=spec["vocab"].get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["merges"]]
+
+    class WithTokenizer(gguf.GGUFWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_tokenizer_model("gpt2")
+            self.add_token_list(tokens)
+            self.add_token_merges(merges)
+            self.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+            self.add_eos_token_id(tok.eos_token_id)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFWriter", WithTokenizer)
+        return _llama_gguf(path, model)
+
+
 def _llama_gguf(path, model, arch="llama", drop=(), extra_metadata=None, layers=None):
     """Write a pocketlm Llama-family model as llama.cpp would: its names, q/k rows permuted."""
     c = model.config

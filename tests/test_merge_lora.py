@@ -10,22 +10,9 @@ import pytest
 import torch
 import transformers
 
-from pocketlm.cli import main
 from pocketlm.tokenizer import Tokenizer
+from test_cli_data import one_line_error, run
 from test_adapter_loading import IDS, LABELS, bases, close, make_adapter  # noqa: F401  (bases: a fixture)
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(capsys, *argv) -> str:
-    code, out, err = run(capsys, *argv)
-    assert code == 2 and out == "", (code, out, err)
-    assert err.startswith("pocketlm: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 def peft_merged(base_folder, adapter, classifier=False, eos=None):

@@ -268,30 +268,15 @@ def test_an_out_that_is_a_file_is_refused(corpus, capsys, tmp_path):
 
 # --- 8: a GGUF model's tokenizer must be the data's ---------------------------------------------------
 
-def test_a_gguf_model_needs_shards_of_its_own_tokenizer(corpus, tmp_path, monkeypatch):
-    import gguf
-
+def test_a_gguf_model_needs_shards_of_its_own_tokenizer(corpus, tmp_path):
     from pocketlm.gguf import GGUFFile, tokenizer_from_gguf
     from pocketlm.tokenizer import Tokenizer
-    from test_gguf import _llama_gguf
+    from test_gguf import llama_gguf_with_tokenizer
 
     (tmp_path / "text.txt").write_text("".join(DOCS))
-    bpe = json.loads(Tokenizer.train(tmp_path / "text.txt", vocab_size=300)._backend.to_str())["model"]
-    tokens = sorted(bpe["vocab"], key=bpe["vocab"].get)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
-
-    class WithTokenizer(gguf.GGUFWriter):  # the test's GGUF writer, with a byte-level BPE in its metadata
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.add_tokenizer_model("gpt2")
-            self.add_token_list(tokens)
-            self.add_token_merges(merges)
-            self.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
-            self.add_eos_token_id(tokens.index("<|endoftext|>"))
-
-    monkeypatch.setattr(gguf, "GGUFWriter", WithTokenizer)
-    model = CausalLM.from_config(ModelConfig(**{**TINY["llama-gqa-tied"], "vocab_size": len(tokens)}))
-    path = _llama_gguf(tmp_path / "model.gguf", model)
+    bpe = Tokenizer.train(tmp_path / "text.txt", vocab_size=300)
+    model = CausalLM.from_config(ModelConfig(**{**TINY["llama-gqa-tied"], "vocab_size": len(bpe)}))
+    path = llama_gguf_with_tokenizer(tmp_path / "model.gguf", model, bpe)
 
     with pytest.raises(DataError, match="different tokenizer.*--tokenizer"):  # the corpus is char-level
         Trainer(_config(corpus, tmp_path / "run", model=str(path)))
