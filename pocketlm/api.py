@@ -26,6 +26,7 @@ from pocketlm.config import ModelConfig, resolve_device
 from pocketlm.errors import ConfigError, FormatError
 from pocketlm.generate import GenerateOutput, GenerationConfig, Generator, transition_scores
 from pocketlm.model import SequenceClassifier, Transformer, check_attn_implementation
+from pocketlm.quant import quantize_model
 from pocketlm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,10 @@ class PretrainedModel:
         if task == "SEQ_CLS" and not issubclass(cls, SequenceClassifier):
             raise ConfigError(f"{ref.path} is a classification adapter (task_type SEQ_CLS); load it with "
                               "AutoModelForSequenceClassification.from_pretrained or pipeline('text-classification')")
+        # adapters fold into float weights: a GGUF base is dequantized; int8/int4 quantize after
+        bits = checkpoint.quant_bits(load["dtype"])
+        if bits or (load["dtype"] in (None, "auto") and ref.base.kind == "gguf"):
+            load["dtype"] = torch.float32
         with checkpoint.heads_supplied() if task == "SEQ_CLS" else contextlib.nullcontext():
             model = cls._load(ref.base, **load)  # (the adapter holds the trained head)
         checkpoint.check_tokenizer_fits(ref.path, model.config)  # the adapter folder's own tokenizer
@@ -127,6 +132,8 @@ class PretrainedModel:
         except (ConfigError, FormatError) as e:
             raise type(e)(f"the LoRA adapter {ref.path} does not fit its base {ref.base.given}: {e}") from None
         lora.merge_lora(model)
+        if bits:
+            quantize_model(model, bits)
         if (ref.path / "generation_config.json").is_file():
             model.generation_config = checkpoint.read_generation_config(ref.path)
         return model

@@ -27,6 +27,7 @@ from pocketlm.errors import ConfigError, FormatError, NotFoundError, UnsafeForma
 from pocketlm.files import atomic_path, atomic_write_json, read_json, staged_folder
 from pocketlm.model import Transformer
 from pocketlm.packing import standalone, wants_transposed_storage
+from pocketlm.quant import BLOCK, QUANT_METHOD, dequantize_model, quantize_model, quantized_bits
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,9 @@ def _write_checkpoint(model: Transformer, folder: Path, tokenizer, generation_co
     atomic_write_json(folder / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
     hf = model.config.to_hf_config(model.head)
     hf["dtype"] = str(model.dtype).removeprefix("torch.")
+    quantized = quantized_bits(model)
+    if quantized:  # which modules hold blocks, so loading builds them before reading the tensors
+        hf["quantization_config"] = {"quant_method": QUANT_METHOD, "block_size": BLOCK, "modules": quantized}
     atomic_write_json(folder / "config.json", hf)
 
 
@@ -143,9 +147,13 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     config = model.config
     ours = {k: standalone(v.detach()) for k, v in model.state_dict().items()}
     if config.tie_embeddings:
-        ours.pop("lm_head.weight", None)  # a classifier has no lm_head at all
+        for part in ("weight", "q", "scale", "offset"):
+            ours.pop(f"lm_head.{part}", None)  # a classifier has no lm_head at all
     if config.family != "gpt2":
         return ours
+    if quantized_bits(model):
+        raise ConfigError("a quantized GPT-2 model cannot be saved in GPT-2's layout; save the float model "
+                          "(load it with dtype=torch.float32) and quantize it at load time instead")
     out = {}
     for hf_name, name in _GPT2_GLOBAL.items():
         out[f"transformer.{hf_name}"] = ours.pop(name)
@@ -255,11 +263,39 @@ def load_pretrained(path: str | Path, device=None, dtype=None, allow_pickle: boo
         config = adapt_config(config)
     check_tokenizer_fits(folder, config)
     on_cpu = device is None or torch.device(device).type == "cpu"
-    raw = _read_weights(folder, allow_pickle, output_head_names(config) if on_cpu else ())
-    tensors = _from_hf_names(config, raw)
+    quantized = read_quantization(folder)
+    bits = quant_bits(dtype)
+    transposed = output_head_names(config) if on_cpu and not (quantized or bits) else ()
+    tensors = _from_hf_names(config, _read_weights(folder, allow_pickle, transposed))
+    if quantized:  # blocks as saved; a float dtype asked for dequantizes them, int8/int4 requantize
+        model = model_from_tensors(cls, config, tensors, where=str(folder), device=device, quantized=quantized)
+        if dtype not in (None, "auto"):
+            dequantize_model(model, torch.float32 if bits else _resolve_dtype(dtype, torch.float32))
+    else:
+        target = torch.float32 if bits else \
+            _resolve_dtype(dtype, next(iter(tensors.values())).dtype) if tensors else torch.float32
+        model = model_from_tensors(cls, config, tensors, where=str(folder), device=device, dtype=target)
+    if bits:
+        quantize_model(model, bits)
+    return model
 
-    target = _resolve_dtype(dtype, next(iter(tensors.values())).dtype) if tensors else torch.float32
-    return model_from_tensors(cls, config, tensors, where=str(folder), device=device, dtype=target)
+
+def read_quantization(folder: Path) -> dict[str, int] | None:
+    """{module: bits} from a quantized checkpoint's config.json (None for a float checkpoint),
+    checked: pocketlm's own method, blocks of 32, 4 or 8 bits."""
+    raw = read_json(folder / "config.json", "model config").get("quantization_config")
+    if raw is None:
+        return None
+    where = f"{folder / 'config.json'}: quantization_config"
+    if not isinstance(raw, dict) or raw.get("quant_method") != QUANT_METHOD:
+        method = raw.get("quant_method") if isinstance(raw, dict) else raw
+        raise FormatError(f"{where} has quant_method {method!r}; pocketlm reads only its own "
+                          f"({QUANT_METHOD!r}): load a float checkpoint and pass dtype='int8' or 'int4'")
+    modules = raw.get("modules")
+    if raw.get("block_size") != BLOCK or not isinstance(modules, dict) or not all(
+            isinstance(k, str) and v in (4, 8) and not isinstance(v, bool) for k, v in modules.items()):
+        raise FormatError(f"{where} must hold block_size {BLOCK} and modules {{name: 4 or 8}}")
+    return modules
 
 
 _HEADS_SUPPLIED = contextvars.ContextVar("heads_supplied", default=False)
@@ -277,14 +313,22 @@ def heads_supplied():
 
 
 def model_from_tensors(cls: type[Transformer], config: ModelConfig, tensors: dict[str, torch.Tensor], *,
-                       where: str, device=None, dtype: torch.dtype | None = None) -> Transformer:
+                       where: str, device=None, dtype: torch.dtype | None = None,
+                       quantized: dict[str, int] | None = None) -> Transformer:
     """`cls(config)` holding `tensors` (our names; moved to device/dtype), after checking that
     they are exactly the tensors the config needs, with the right shapes. `where` names the
-    source in errors. The tensors become the parameters: no copy beyond the device/dtype move."""
+    source in errors. The tensors become the parameters: no copy beyond the device/dtype move.
+    `quantized` ({module: bits}) names the modules that hold quantized blocks (their q, scale
+    and offset tensors keep their own dtypes)."""
+    from pocketlm.quant import replace_modules
+
     with torch.device("meta"):
         model = cls(config)
+        replace_modules(model, quantized or {})
+        model.tie_weights()
     expected = model.state_dict()
-    optional = {"lm_head.weight"} if config.tie_embeddings else set()
+    optional = {"lm_head.weight", "lm_head.q", "lm_head.scale", "lm_head.offset"} if config.tie_embeddings else set()
+    blocks = {f"{module}.{part}" for module in quantized or {} for part in ("q", "scale", "offset")}
     tensors = {k: v for k, v in tensors.items() if k not in cls.ignored_on_load}
     fresh = sorted(cls.new_on_load - set(tensors))
     if fresh:
@@ -304,8 +348,10 @@ def model_from_tensors(cls: type[Transformer], config: ModelConfig, tensors: dic
         if tuple(t.shape) != tuple(expected[name].shape):
             raise FormatError(f"{where}: tensor {name} has shape {tuple(t.shape)} but the config needs "
                               f"{tuple(expected[name].shape)}; the config and the weights disagree")
-    tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    tensors = {k: v.to(device=device, dtype=None if k in blocks else dtype) for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=False, assign=True)
+    if quantized:
+        model.requires_grad_(False)  # quantized blocks are for inference
     model.tie_weights()
     config.dtype = model.dtype  # transformers' config.dtype: what the weights were loaded in
     return model.eval()
@@ -346,6 +392,14 @@ def read_generation_config(folder: str | Path) -> dict[str, Any]:
     return data
 
 
+QUANTIZED_DTYPES = {"int8": 8, "int4": 4}
+
+
+def quant_bits(dtype) -> int | None:
+    """8 or 4 for dtype "int8" / "int4" (weights in quantized blocks), None for anything else."""
+    return QUANTIZED_DTYPES.get(dtype) if isinstance(dtype, str) else None
+
+
 def _resolve_dtype(dtype, stored: torch.dtype) -> torch.dtype:
     if dtype is None:
         return torch.float32
@@ -355,7 +409,7 @@ def _resolve_dtype(dtype, stored: torch.dtype) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.removeprefix("torch.")]
-    raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or 'auto'")
+    raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}, 'auto', or 'int8' / 'int4' (quantized blocks)")
 
 
 def _names(names: list[str], limit: int = 5) -> str:

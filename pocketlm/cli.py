@@ -61,7 +61,7 @@ def cmd_info(args) -> int:
         ("vocabulary", f"{c.vocab_size:,}" + (f" (tokenizer: {len(tokenizer):,} tokens)" if tokenizer else
                                              " (no tokenizer in the folder)")),
         ("context", f"{c.max_position:,} tokens"),
-        ("dtype", str(model.dtype).removeprefix("torch.") + (f" (dequantized; stored as {stored})" if stored else "")),
+        ("dtype", _dtype_description(model, stored)),
     ]
     if tokenizer is not None and tokenizer.chat_template:
         rows.append(("chat template", "yes"))
@@ -123,6 +123,15 @@ def cmd_merge_lora(args) -> int:
           f"({model.num_parameters():,} parameters, {args.dtype}{', no tokenizer' if tokenizer is None else ''}); "
           "a checkpoint folder that transformers and pocketlm load")
     return 0
+
+
+def _dtype_description(model, stored: str | None) -> str:
+    from pocketlm.quant import describe
+
+    blocks = describe(model)
+    if blocks:
+        return f"{blocks} blocks of 32, float32 activations" + (f" (stored as {stored})" if stored else "")
+    return str(model.dtype).removeprefix("torch.") + (f" (dequantized; stored as {stored})" if stored else "")
 
 
 def _adapter_tokenizer(ref):
@@ -397,7 +406,8 @@ def _add_model_flags(p: argparse.ArgumentParser, default: str | None = None) -> 
     else:
         p.add_argument("model", nargs="?", default=default, help=f"{MODEL_HELP} (default: {default})")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", help="float32, bfloat16, float16 or auto (the stored dtype); default float32")
+    p.add_argument("--dtype", help="float32, bfloat16, float16, int8 or int4 (weights in quantized blocks), or auto "
+                   "(the stored precision); default: a GGUF file's own precision (kept quantized), else float32")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:

@@ -45,7 +45,7 @@ import torch
 
 from pocketlm.errors import ConfigError, ContextLengthError
 from pocketlm.model import Transformer
-from pocketlm.packing import DecodeStep, pack_linears, unpack_linears
+from pocketlm.packing import DecodeStep, QuantizedDecodeStep, pack_linears, unpack_linears
 
 log = logging.getLogger(__name__)
 
@@ -634,7 +634,9 @@ class Forward:
         self.cache = model.new_cache(B, plan.cache_len)
         self.logits = model(self.history[:, :T], attention_mask=self.mask if self.padded else None, cache=self.cache,
                             position_ids=self.positions, logits_to_keep=1).logits[:, -1]
-        self.fast_step = DecodeStep.for_model(model) if compiled_step is None else None
+        self.fast_step = None
+        if compiled_step is None:
+            self.fast_step = QuantizedDecodeStep.for_model(model) or DecodeStep.for_model(model)
         self.key_mask = None
         if compiled_step is not None:  # static shapes: the whole cache, read under this mask
             self.key_mask = torch.zeros(B, plan.cache_len, dtype=torch.bool, device=device)

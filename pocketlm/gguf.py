@@ -510,6 +510,40 @@ def state_dict_from_gguf(f: GGUFFile, config, dtype: torch.dtype = torch.float32
     return out
 
 
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def quantized_state_from_gguf(f: GGUFFile, config) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Every tensor under our names with the file's matrices kept quantized: Q8_0, Q4_0 and Q4_1
+    repacked as int8 / int4 blocks (exactly the same weights, no float copy); other quantized
+    types (K-quants, Q5) do not fit blocks of 32 losslessly and are requantized to int8, one
+    tensor at a time; norms and float matrices as float32. Returns the tensors and {module: bits}."""
+    from pocketlm.quant import GGUF_BLOCK_BYTES, from_gguf_blocks, quantize
+
+    out, bits_of = {}, {}
+    for name, info in f.tensors.items():
+        ours = _our_name(name)
+        if ours is None:
+            raise FormatError(f"{f.path}: tensor {name!r} has no place in a {config.family} model; "
+                              "the file may be of an architecture variant pocketlm does not support yet")
+        heads = config.n_head if "q_proj" in ours else config.n_kv_head if "k_proj" in ours else None
+        if len(info.shape) != 2 or info.type.name in FLOAT_TYPES:
+            t = f.dequantize(name)
+            out[ours] = (_unpermute(t, heads, f.path, name) if heads else t).float()
+            continue
+        if info.type.name in GGUF_BLOCK_BYTES:
+            layer = from_gguf_blocks(f.read(name), info.type.name, info.shape)
+        else:
+            layer = quantize(f.dequantize(name), 8)
+        module = ours.removesuffix(".weight")
+        for part in ("q", "scale", "offset"):
+            t = getattr(layer, part)
+            if t is not None:  # q and k rows: the same row order as the float path, blocks and all
+                out[f"{module}.{part}"] = _unpermute(t, heads, f.path, name) if heads else t
+        bits_of[module] = layer.bits
+    return out, bits_of
+
+
 def _our_name(name: str) -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
@@ -529,11 +563,16 @@ def _unpermute(w: torch.Tensor, heads: int, path, name: str) -> torch.Tensor:
 
 
 def load_gguf(source: str | Path | GGUFFile, device=None, dtype=None, cls=None, adapt_config=None):
-    """A model (`cls`, default Transformer) with a GGUF file's weights dequantized to `dtype`
-    (float32 by default), validated against the config its metadata describes (passed through
-    `adapt_config` when given, e.g. for a classifier's labels). `source` is a path or an open
-    GGUFFile (so the tokenizer can come from the same parse)."""
-    from pocketlm.checkpoint import _resolve_dtype, model_from_tensors, output_head_names
+    """A model (`cls`, default Transformer) with a GGUF file's weights, validated against the
+    config its metadata describes (passed through `adapt_config` when given, e.g. for a
+    classifier's labels). `source` is a path or an open GGUFFile (so the tokenizer can come from
+    the same parse).
+
+    dtype None or "auto": on CPU, the file's own precision, its quantized matrices kept quantized
+    (the fast path for inference; see quantized_state_from_gguf); on a GPU, bfloat16. A float
+    dtype dequantizes every weight to it (what training needs); "int8" / "int4" requantize the
+    layers to those blocks."""
+    from pocketlm.checkpoint import _resolve_dtype, model_from_tensors, output_head_names, quant_bits
     from pocketlm.model import Transformer
 
     if not isinstance(source, GGUFFile):
@@ -545,9 +584,26 @@ def load_gguf(source: str | Path | GGUFFile, device=None, dtype=None, cls=None, 
     if adapt_config is not None:
         config = adapt_config(config)
     on_cpu = device is None or torch.device(device).type == "cpu"
-    tensors = state_dict_from_gguf(f, config, _resolve_dtype(dtype, torch.float32),
-                                   output_head_names(config) if on_cpu else ())
-    return model_from_tensors(cls, config, tensors, where=str(path), device=device)
+    bits = quant_bits(dtype)
+    if dtype in (None, "auto") and on_cpu and quantized_matrices(f):
+        tensors, quantized = quantized_state_from_gguf(f, config)
+        return model_from_tensors(cls, config, tensors, where=str(path), device=device, quantized=quantized)
+    if dtype in (None, "auto") and not on_cpu:
+        dtype = torch.bfloat16  # a GPU computes fastest in bf16; GGUF blocks have no fast kernels there
+    tensors = state_dict_from_gguf(f, config, _resolve_dtype(None if bits else dtype, torch.float32),
+                                   output_head_names(config) if on_cpu and not bits else ())
+    model = model_from_tensors(cls, config, tensors, where=str(path), device=device)
+    if bits:
+        from pocketlm.quant import quantize_model
+
+        quantize_model(model, bits)
+    return model
+
+
+def quantized_matrices(f: GGUFFile) -> bool:
+    """Whether the file's layer matrices are quantized (so it loads quantized by default)."""
+    return any(name.startswith("blk.") and len(info.shape) == 2 and info.type.name not in FLOAT_TYPES
+               for name, info in f.tensors.items())
 
 
 # --- GGUF → Tokenizer ---------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from torch import nn
 
 from pocketlm.config import ModelConfig
 from pocketlm.errors import ConfigError, ContextLengthError
+from pocketlm.quant import QuantizedEmbedding, QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ class Transformer(nn.Module):
         self.add_head(config)
         self.attn_implementation = "sdpa"  # or "eager": see set_attn_implementation
         self.tie_weights()
-        if self.model.embed_tokens.weight.device.type != "meta":  # a model built to be loaded into needs no init
+        if self.device.type != "meta":  # a model built to be loaded into needs no init
             self.apply(self._init_weights)
 
     def add_head(self, config: ModelConfig) -> None:
@@ -294,7 +295,11 @@ class Transformer(nn.Module):
         """Share the input embedding with the output projection when the config says so.
         Call again after replacing parameters (e.g. loading with assign=True)."""
         if self.config.tie_embeddings and self.get_output_embeddings() is not None:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            embed = self.model.embed_tokens
+            if isinstance(embed, QuantizedEmbedding):  # the head reads the embedding's blocks
+                self.lm_head = embed.tied_head()
+            else:
+                self.lm_head.weight = embed.weight
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -309,19 +314,28 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        embed = self.model.embed_tokens
+        return (embed.q if isinstance(embed, QuantizedEmbedding) else embed.weight).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The dtype activations are computed in (float32 for a model of quantized blocks)."""
+        embed = self.model.embed_tokens
+        return torch.float32 if isinstance(embed, QuantizedEmbedding) else embed.weight.dtype
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameters counted as transformers counts them: a tied matrix once; exclude_embeddings
         leaves out the embedding tables (tokens, and learned positions) but not an untied head."""
         embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        return sum(p.numel() for p in self.parameters()  # parameters() yields a tied tensor once
-                   if (p.requires_grad or not only_trainable)
-                   and not (exclude_embeddings and id(p) in embeddings))
+        floats = sum(p.numel() for p in self.parameters()  # parameters() yields a tied tensor once
+                     if (p.requires_grad or not only_trainable)
+                     and not (exclude_embeddings and id(p) in embeddings))
+        if only_trainable:  # quantized blocks never train
+            return floats
+        blocks = {id(m.q): m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
+                  for m in self.modules() if isinstance(m, QuantizedLinear)
+                  and not (exclude_embeddings and isinstance(m, QuantizedEmbedding))}
+        return floats + sum(blocks.values())
 
     def set_attn_implementation(self, name: str) -> None:
         """Switch attention to "sdpa" (the fused kernel, default) or "eager" (softmax written

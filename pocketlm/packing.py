@@ -253,7 +253,7 @@ class DecodeStep:
         config = model.config
         if (config.pos != "rope" or config.norm != "rmsnorm" or config.mlp != "swiglu" or config.act != "silu"
                 or config.bias or (model.training and config.dropout) or torch.is_grad_enabled()
-                or model.lm_head.weight.device.type != "cpu"):
+                or model.device.type != "cpu" or not isinstance(model.lm_head, nn.Linear)):
             return None
         for block in model.model.layers:
             attn, mlp = block.self_attn, block.mlp
@@ -300,3 +300,82 @@ def _product(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     if slices is None:
         return lambda x: F.linear(x, weight)
     return lambda x: sliced_product(x, slices)
+
+
+class QuantizedDecodeStep:
+    """One decoding step of a quantized Llama-family model on CPU: each decoder layer is one call
+    into the block kernels (pocketlm.kernels.decode_layer: norm, fused q|k|v, RoPE, cache write,
+    attention, output projection, fused gate|up, SwiGLU, down projection), so Python only loops
+    over the layers. Every row is computed on its own in a fixed order, so a row's logits are
+    the same bits whatever else is in the batch.
+
+    Built by `for_model`, which returns None unless it applies: RoPE + RMSNorm + SwiGLU (silu)
+    without biases, every block projection quantized, activations and cache in float32 or a
+    float16 cache, grad off. Fusing q|k|v and gate|up happens once per model (quant.fuse: the
+    layers' buffers become views of the fused ones, nothing is held twice)."""
+
+    def __init__(self, model: nn.Module, layers: list[tuple]):
+        self.model, self.config, self.layers = model, model.config, layers
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "QuantizedDecodeStep | None":
+        from pocketlm.quant import QuantizedLinear
+
+        config = model.config
+        if (config.pos != "rope" or config.norm != "rmsnorm" or config.mlp != "swiglu" or config.act != "silu"
+                or config.bias or torch.is_grad_enabled() or model.device.type != "cpu"
+                or model.dtype != torch.float32):
+            return None
+        layers = []
+        for block in model.model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            if not all(type(m) is QuantizedLinear for m in linears):
+                return None
+            qkv = _fused_blocks(attn, "qkv", linears[:3])
+            gate_up = _fused_blocks(mlp, "gate_up", linears[4:6])
+            if qkv is None or gate_up is None:
+                return None
+            layers.append((block.input_layernorm.weight, qkv, attn.o_proj.blocks(),
+                           block.post_attention_layernorm.weight, gate_up, mlp.down_proj.blocks()))
+        return cls(model, layers)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache,
+                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions (B,) → logits (B, V); appends to cache (advancing its length).
+        key_mask (B, length + 1), True where a row may attend, for padded batches."""
+        from pocketlm import kernels
+        from pocketlm.quant import QuantizedLinear
+
+        model, config = self.model, self.config
+        n, D = cache.length, config.head_dim
+        if n >= cache.max_length:
+            raise ContextLengthError(f"the KV cache holds {cache.max_length} positions and all are used")
+        x = model.model.embed_tokens(tokens).float()  # (B, C)
+        cos, sin = (t[:, 0, 0].contiguous() for t in rope_cos_sin(positions[:, None], D, config.rope_theta,
+                                                                     torch.float32))  # (B, D) each
+        mask = None if key_mask is None else key_mask.contiguous()
+        for i, (norm1, qkv, o, norm2, gate_up, down) in enumerate(self.layers):
+            x = kernels.decode_layer(x, norm1, qkv, o, norm2, gate_up, down, config.norm_eps, cos, sin,
+                                     cache.keys[i], cache.values[i], n, config.n_head, config.n_kv_head, mask)
+        cache.length = n + 1
+        x, head = model.model.norm(x), model.lm_head
+        if isinstance(head, QuantizedLinear):  # whatever the batch size: rows stay independent
+            return head.kernel(x)
+        return head(x)
+
+
+def _fused_blocks(module: nn.Module, name: str, linears) -> tuple | None:
+    """The (q, scale, offset) of `linears` fused (made once, kept on `module`), while the layers
+    still view it; None when they cannot be fused."""
+    from pocketlm.quant import fuse
+
+    attr = f"_fused_{name}"
+    fused = module.__dict__.get(attr)
+    if fused is None or any(layer.q.untyped_storage().data_ptr() != fused.q.untyped_storage().data_ptr()
+                            for layer in linears):
+        fused = fuse(list(linears))
+        if fused is None:
+            return None
+        module.__dict__[attr] = fused  # not a submodule: the state dict keeps the layers' own names
+    return fused.blocks()

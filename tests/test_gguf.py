@@ -167,8 +167,9 @@ def test_missing_file(tmp_path):
 
 # --- GGUF → model ---------------------------------------------------------------------------------
 
-def llama_gguf_with_tokenizer(path, model, tok):
-    """`model` as a llama.cpp-style GGUF file with `tok` (a byte-level BPE) in its metadata."""
+def llama_gguf_with_tokenizer(path, model, tok, qtype=None):
+    """`model` as a llama.cpp-style GGUF file with `tok` (a byte-level BPE) in its metadata
+    (matrices in `qtype` blocks where their rows fit, see _llama_gguf)."""
     import json
 
     spec = json.loads(tok._backend.to_str())["model"]
@@ -186,11 +187,12 @@ def llama_gguf_with_tokenizer(path, model, tok):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(gguf, "GGUFWriter", WithTokenizer)
-        return _llama_gguf(path, model)
+        return _llama_gguf(path, model, qtype=qtype)
 
 
-def _llama_gguf(path, model, arch="llama", drop=(), extra_metadata=None, layers=None):
-    """Write a pocketlm Llama-family model as llama.cpp would: its names, q/k rows permuted."""
+def _llama_gguf(path, model, arch="llama", drop=(), extra_metadata=None, layers=None, qtype=None):
+    """Write a pocketlm Llama-family model as llama.cpp would: its names, q/k rows permuted;
+    matrices whose rows are whole blocks in `qtype` (a quantizable GGMLQuantizationType) when given."""
     c = model.config
     writer = gguf.GGUFWriter(str(path), arch=arch)
     meta = {"block_count": layers or c.n_layer, "context_length": c.max_position, "embedding_length": c.n_embd,
@@ -223,7 +225,11 @@ def _llama_gguf(path, model, arch="llama", drop=(), extra_metadata=None, layers=
         if "attn_q" in gguf_name or "attn_k" in gguf_name:
             heads = c.n_head if "attn_q" in gguf_name else c.n_kv_head
             t = t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
-        writer.add_tensor(gguf_name, np.ascontiguousarray(t, dtype=np.float32))
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if qtype is not None and t.ndim == 2 and t.shape[1] % 32 == 0:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name, t)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

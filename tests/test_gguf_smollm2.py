@@ -8,8 +8,10 @@ import pytest
 import torch
 import transformers
 
+from pocketlm import quant
 from pocketlm.generate import Generator
 from pocketlm.gguf import GGUFFile, load_gguf, tokenizer_from_gguf
+from pocketlm.quant import QuantizedLinear
 
 TEXTS = ["What is the capital of France?", "def f(x):\n    return x**2  # 12345 67",
          "敏捷的棕色狐狸 🦊 café naïve", "  leading   spaces\n\n\ttabs", "<|im_start|>user\nhi<|im_end|>",
@@ -31,11 +33,20 @@ def theirs(smollm2_gguf):
     return model.eval(), transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kwargs)
 
 
-def test_every_tensor_equals_transformers_dequantization(ours, theirs):
-    mine, reference = ours[0].state_dict(), theirs[0].state_dict()
-    assert set(mine) - {"lm_head.weight"} <= set(reference)
-    for name, tensor in mine.items():
+def test_every_weight_equals_transformers_dequantization(ours, theirs, smollm2_gguf):
+    model, reference = ours[0], theirs[0].state_dict()
+    # loaded for inference, the Q4_1 layers and the Q8_0 embedding (= tied head) stay in blocks...
+    assert quant.quantized_bits(model) == {**{f"model.layers.{i}.{part}": 4 for i in range(30) for part in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")}, "model.embed_tokens": 8}
+    weights = {name + ".weight": m.dequantize() for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    weights.update((name, t) for name, t in model.state_dict().items() if name.endswith(".weight"))
+    # ...holding exactly the weights transformers dequantizes, as does a float32 load
+    floats = load_gguf(smollm2_gguf, dtype=torch.float32).state_dict()
+    assert set(weights) == set(reference) == set(floats)
+    for name, tensor in weights.items():
         assert torch.allclose(tensor, reference[name], rtol=0, atol=1e-6), name
+        assert torch.equal(tensor, floats[name]), name
 
 
 def test_config_from_metadata(ours):
@@ -45,8 +56,10 @@ def test_config_from_metadata(ours):
     assert ours[0].num_parameters() == 134_515_008
 
 
-def test_logits_and_greedy_tokens_match_transformers(ours, theirs):
-    model, tokenizer = ours
+def test_logits_and_greedy_tokens_match_transformers(ours, theirs, smollm2_gguf):
+    # float32, as transformers computes (kept in blocks, decoding rounds activations to int8, whose
+    # answers test_quant_quality checks against this same float model)
+    model, tokenizer = load_gguf(smollm2_gguf, dtype=torch.float32), ours[1]
     ids = torch.tensor([theirs[1].encode("The quick brown fox jumps over the lazy dog, and then the " * 3)[:32]])
     with torch.no_grad():
         assert (model(ids).logits - theirs[0](ids).logits).abs().max() < 1e-3

@@ -269,14 +269,19 @@ def test_an_out_that_is_a_file_is_refused(corpus, capsys, tmp_path):
 # --- 8: a GGUF model's tokenizer must be the data's ---------------------------------------------------
 
 def test_a_gguf_model_needs_shards_of_its_own_tokenizer(corpus, tmp_path):
+    import gguf
+    import torch
+
     from pocketlm.gguf import GGUFFile, tokenizer_from_gguf
+    from pocketlm.quant import quantized_bits
     from pocketlm.tokenizer import Tokenizer
     from test_gguf import llama_gguf_with_tokenizer
 
     (tmp_path / "text.txt").write_text("".join(DOCS))
     bpe = Tokenizer.train(tmp_path / "text.txt", vocab_size=300)
     model = CausalLM.from_config(ModelConfig(**{**TINY["llama-gqa-tied"], "vocab_size": len(bpe)}))
-    path = llama_gguf_with_tokenizer(tmp_path / "model.gguf", model, bpe)
+    # in blocks, as real GGUF files are: for inference they would load quantized, for training never
+    path = llama_gguf_with_tokenizer(tmp_path / "model.gguf", model, bpe, qtype=gguf.GGMLQuantizationType.Q8_0)
 
     with pytest.raises(DataError, match="different tokenizer.*--tokenizer"):  # the corpus is char-level
         Trainer(_config(corpus, tmp_path / "run", model=str(path)))
@@ -285,8 +290,12 @@ def test_a_gguf_model_needs_shards_of_its_own_tokenizer(corpus, tmp_path):
     with GGUFFile(path) as f:
         own = tokenizer_from_gguf(f)
     prepare([tmp_path / "text.txt"], tmp_path / "data", tokenizer=own, val_frac=0.2, seed=0)
-    Trainer(_config((tmp_path / "data", path), tmp_path / "run", max_steps=1, sample_tokens=0)).fit()
+    trainer = Trainer(_config((tmp_path / "data", path), tmp_path / "run", max_steps=1, sample_tokens=0))
+    assert quantized_bits(trainer.model) == {} and trainer.model.model.layers[0].mlp.up_proj.weight.requires_grad
+    before = trainer.model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    trainer.fit()
     assert complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert not torch.equal(trainer.model.model.layers[0].mlp.up_proj.weight, before)  # it trained
 
 
 # --- 9: a model built from a preset takes the tokenizer's pad token, where transformers reads it ----

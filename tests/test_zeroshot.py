@@ -192,7 +192,9 @@ def test_real_smollm2_matches_the_loop(smollm2_gguf):
     loop, and a plainly positive and a plainly negative review are labelled so (plain form)."""
     from pocketlm.api import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(smollm2_gguf)
+    # float32: the scorer's batching is under test, not quantization (a quantized model takes
+    # another path for few rows than for many, which would blur the comparison)
+    model, tok = load_model_and_tokenizer(smollm2_gguf, dtype=torch.float32)
     texts = ["A wonderful, moving film with superb acting.", "A dull, tedious mess; I hated every minute."]
     for chat, some in ((False, texts), (True, texts[:1])):
         clf = ZeroShotClassifier(model.eval(), tok, ["positive", "negative"], chat=chat)

@@ -1,0 +1,83 @@
+"""The kernels' math in plain PyTorch: the definition the C++ kernels are tested against, and what
+runs when they cannot be built. Weights are blocks of 32 (see pocketlm/quant.py); activations are
+quantized per row per block to int8 (amax / 127 steps, round half to even) before the product, so
+both paths compute the same integers: the block products are exact in float32 (|Σ| < 2^24)."""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 32
+
+
+def _int_weights(q: torch.Tensor) -> torch.Tensor:
+    """The integer weights (out, blocks, 32) as float32 (exact)."""
+    out = q.shape[0]
+    if q.dtype == torch.int8:
+        return q.view(out, -1, BLOCK).float()
+    packed = q.view(out, -1, BLOCK // 2)
+    return torch.cat((packed & 0x0F, packed >> 4), dim=-1).float()
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, in) float32 → (qx (M, blocks, 32) integers held in float32, sx (M, blocks))."""
+    xb = x.reshape(x.shape[0], -1, BLOCK)
+    amax = xb.abs().amax(-1)
+    # a tensor-by-tensor division: `127 / amax` would multiply by a reciprocal and round differently
+    inv = torch.where(amax > 0, amax.new_full((), 127.0) / amax, 0.0)
+    return (xb * inv[..., None]).round(), amax / amax.new_full((), 127.0)
+
+
+def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y[m, o] = Σ_b scale[o, b]·sx[m, b]·Σ qw·qx + offset[o, b]·sx[m, b]·Σ qx  (+ bias[o])."""
+    qx, sx = quantize_activations(x.float())
+    isum = torch.bmm(qx.transpose(0, 1), _int_weights(q).permute(1, 2, 0))  # (blocks, M, out)
+    sx_t = sx.t()[:, :, None]
+    y = scale.float().t()[:, None, :] * sx_t * isum
+    if offset is not None:
+        y = y + offset.float().t()[:, None, :] * sx_t * qx.sum(-1).t()[:, :, None]
+    y = y.sum(0)
+    return y if bias is None else y + bias.float()
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight (out, in) in float32: scale·q (+ offset)."""
+    w = _int_weights(q) * scale.float()[..., None]
+    if offset is not None:
+        w = w + offset.float()[..., None]
+    return w.reshape(q.shape[0], -1)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def decode_layer(x, norm1, qkv, o, norm2, gate_up, down, eps, cos, sin, k_cache, v_cache, n,
+                 n_head, n_kv_head, key_mask=None) -> torch.Tensor:
+    """One Llama-family decoder layer for one new token per row; writes k and v at position n."""
+    B, C = x.shape
+    H, K, D = n_head, n_kv_head, cos.shape[-1]
+    t = linear(_rms_norm(x, norm1, eps), *qkv)
+    heads = t.view(B, H + 2 * K, D)
+    qk = heads[:, :H + K]
+    # rotate pairs (j, j + D/2); sin's first half carries the minus sign (model.rope_cos_sin)
+    qk = qk * cos[:, None] + qk.roll(D // 2, dims=-1) * sin[:, None]
+    q, k, v = qk[:, :H], qk[:, H:], heads[:, H + K:]
+    k_cache[:, :, n] = k.to(k_cache.dtype)
+    v_cache[:, :, n] = v.to(v_cache.dtype)
+    keys, values = k_cache[:, :, :n + 1].float(), v_cache[:, :, :n + 1].float()  # (B, K, S, D)
+    scores = q.view(B, K, H // K, D) @ keys.transpose(-1, -2) / D ** 0.5  # (B, K, G, S)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :n + 1], float("-inf"))
+    # a row whose keys are all masked attends to nothing (zeros), as the C++ kernel does
+    attn = (scores.softmax(-1).nan_to_num(0.0) @ values).reshape(B, H * D)
+    x = x + linear(attn, *o)
+    gate, up = linear(_rms_norm(x, norm2, eps), *gate_up).chunk(2, dim=-1)
+    return x + linear(torch.nn.functional.silu(gate) * up, *down)
+
+
+def linear_float(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, in) float32 times the dequantized weight, activations left in float32 (the head)."""
+    return torch.nn.functional.linear(x.float(), dequantize(q, scale, offset), None if bias is None else bias.float())
