@@ -99,6 +99,7 @@ def load_llamacpp(path, threads):
                 verbose=False)
 
     def generate(ids, n):
+        llm.reset()  # else generate() reuses the cached prefix of the previous call's prompt
         out = []
         for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
             out.append(token)

@@ -33,6 +33,7 @@ constexpr int64_t BLOCK = 32;
 constexpr int64_t ROW_TILE = 4;     // activation rows sharing one unpacked weight block
 constexpr int64_t ATTN_CHUNK = 256; // key positions per attention work item (fixed: invariance)
 constexpr int64_t GROUP = 16;       // blocks whose scales are loaded together (AVX-512 lanes)
+constexpr int64_t PREFETCH_ROWS = 8; // weight rows requested ahead of the one being multiplied
 
 const char* kernel_path() {
 #if defined(PL_AVX512)
@@ -279,6 +280,16 @@ void linear_into(const QActs& a, const QWeight& w, const float* bias, float* y) 
   at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) {
     float dots[ROW_TILE];
     for (int64_t o = o0; o < o1; ++o) {
+#if defined(PL_AVX512) || defined(PL_AVX2)
+      // decoding streams every weight from memory once: ask for a row a few rows ahead, so the
+      // loads overlap the arithmetic instead of waiting on each cache miss in turn
+      if (o + PREFETCH_ROWS < o1) {
+        const char* ahead = reinterpret_cast<const char*>(w.q + (o + PREFETCH_ROWS) * w.row_bytes);
+        for (int64_t at = 0; at < w.row_bytes; at += 64) _mm_prefetch(ahead + at, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w.scale + (o + PREFETCH_ROWS) * w.nb), _MM_HINT_T0);
+        if (w.offset) _mm_prefetch(reinterpret_cast<const char*>(w.offset + (o + PREFETCH_ROWS) * w.nb), _MM_HINT_T0);
+      }
+#endif
       for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
         const int64_t rows = std::min(ROW_TILE, M - m0);
         if (w.int4) dot_tile<true>(w, o, a, m0, rows, dots);
@@ -325,13 +336,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sc
 // the logits move smoothly with the hidden state. Per output, one accumulator walks the blocks in
 // order, so each row's result is the same bits whatever the batch.
 
-// Σ_b over one weight row o for activation row x: scale_b · Σ q·x (+ offset_b · Σ x).
-inline float dot_float_row(const QWeight& w, int64_t o, const float* x) {
+inline float dot_float_row(const QWeight& w, int64_t o, const float* x);
+
+// Σ_b over one weight row o for R activation rows: scale_b · Σ q·x (+ offset_b · Σ x). Each
+// block's weights are converted to float once and used for all R rows; every row's accumulator
+// sees the same operations in the same order whatever R is.
+template <int R>
+inline void dot_float_rows(const QWeight& w, int64_t o, const float* x, int64_t stride, float* dots) {
   const uint8_t* row = w.q + o * w.row_bytes;
   const at::Half* sc = w.scale + o * w.nb;
   const at::Half* off = w.offset ? w.offset + o * w.nb : nullptr;
 #if defined(PL_AVX512)
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m128i low = _mm_set1_epi8(0x0F);
   for (int64_t b = 0; b < w.nb; ++b) {
     __m512 w0, w1;
@@ -344,15 +361,31 @@ inline float dot_float_row(const QWeight& w, int64_t o, const float* x) {
       w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb))));
       w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + 16))));
     }
-    const __m512 x0 = _mm512_loadu_ps(x + b * BLOCK), x1 = _mm512_loadu_ps(x + b * BLOCK + 16);
-    const __m512 qx = _mm512_add_ps(_mm512_mul_ps(w0, x0), _mm512_mul_ps(w1, x1));
-    acc = _mm512_add_ps(acc, _mm512_mul_ps(qx, _mm512_set1_ps(static_cast<float>(sc[b]))));
-    if (off) {
-      const __m512 sx = _mm512_add_ps(x0, x1);
-      acc = _mm512_add_ps(acc, _mm512_mul_ps(sx, _mm512_set1_ps(static_cast<float>(off[b]))));
+    const __m512 s = _mm512_set1_ps(static_cast<float>(sc[b]));
+    const __m512 f = _mm512_set1_ps(off ? static_cast<float>(off[b]) : 0.f);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * stride + b * BLOCK;
+      const __m512 x0 = _mm512_loadu_ps(xr), x1 = _mm512_loadu_ps(xr + 16);
+      const __m512 qx = _mm512_fmadd_ps(w1, x1, _mm512_mul_ps(w0, x0));
+      acc[r] = _mm512_fmadd_ps(qx, s, acc[r]);
+      if (off) acc[r] = _mm512_fmadd_ps(_mm512_add_ps(x0, x1), f, acc[r]);
     }
   }
-  return _mm512_reduce_add_ps(acc);
+  for (int r = 0; r < R; ++r) dots[r] = _mm512_reduce_add_ps(acc[r]);
+#else
+  for (int r = 0; r < R; ++r) dots[r] = dot_float_row(w, o, x + r * stride);
+#endif
+}
+
+// one row at a time, for the paths without a blocked version
+inline float dot_float_row(const QWeight& w, int64_t o, const float* x) {
+  const uint8_t* row = w.q + o * w.row_bytes;
+  const at::Half* sc = w.scale + o * w.nb;
+  const at::Half* off = w.offset ? w.offset + o * w.nb : nullptr;
+#if defined(PL_AVX512)
+  float d;
+  dot_float_rows<1>(w, o, x, 0, &d);
+  return d;
 #elif defined(PL_AVX2)
   __m256 acc = _mm256_setzero_ps();
   for (int64_t b = 0; b < w.nb; ++b) {
@@ -403,10 +436,18 @@ at::Tensor linear_float(const at::Tensor& x, const at::Tensor& q, const at::Tens
   const float* bp = bias_ptr(bias, w.out);
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, w.out, 64, [&](int64_t o0, int64_t o1) {
+    float dots[ROW_TILE];
     for (int64_t o = o0; o < o1; ++o)
-      for (int64_t m = 0; m < M; ++m) {
-        const float d = dot_float_row(w, o, xp + m * w.in);
-        yp[m * w.out + o] = bp ? d + bp[o] : d;
+      for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
+        const int64_t rows = std::min(ROW_TILE, M - m0);
+        const float* xm = xp + m0 * w.in;
+        switch (rows) {
+          case 1: dot_float_rows<1>(w, o, xm, w.in, dots); break;
+          case 2: dot_float_rows<2>(w, o, xm, w.in, dots); break;
+          case 3: dot_float_rows<3>(w, o, xm, w.in, dots); break;
+          default: dot_float_rows<4>(w, o, xm, w.in, dots); break;
+        }
+        for (int64_t r = 0; r < rows; ++r) yp[(m0 + r) * w.out + o] = bp ? dots[r] + bp[o] : dots[r];
       }
   });
   return y;
