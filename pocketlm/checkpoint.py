@@ -27,7 +27,7 @@ from pocketlm.errors import ConfigError, FormatError, NotFoundError, UnsafeForma
 from pocketlm.files import atomic_path, atomic_write_json, read_json, staged_folder
 from pocketlm.model import Transformer
 from pocketlm.packing import standalone, wants_transposed_storage
-from pocketlm.quant import BLOCK, QUANT_METHOD, dequantize_model, quantize_model, quantized_bits
+from pocketlm.quant import BLOCK, QUANT_METHOD, dequantize_model, quantize_model, quantized_bits, replace_modules
 
 log = logging.getLogger(__name__)
 
@@ -320,8 +320,6 @@ def model_from_tensors(cls: type[Transformer], config: ModelConfig, tensors: dic
     source in errors. The tensors become the parameters: no copy beyond the device/dtype move.
     `quantized` ({module: bits}) names the modules that hold quantized blocks (their q, scale
     and offset tensors keep their own dtypes)."""
-    from pocketlm.quant import replace_modules
-
     with torch.device("meta"):
         model = cls(config)
         replace_modules(model, quantized or {})
@@ -348,6 +346,8 @@ def model_from_tensors(cls: type[Transformer], config: ModelConfig, tensors: dic
         if tuple(t.shape) != tuple(expected[name].shape):
             raise FormatError(f"{where}: tensor {name} has shape {tuple(t.shape)} but the config needs "
                               f"{tuple(expected[name].shape)}; the config and the weights disagree")
+        if name in blocks and t.dtype != expected[name].dtype:  # the kernels read these bytes as they are
+            raise FormatError(f"{where}: quantized tensor {name} is {t.dtype}, not {expected[name].dtype}")
     tensors = {k: v.to(device=device, dtype=None if k in blocks else dtype) for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=False, assign=True)
     if quantized:

@@ -131,3 +131,11 @@ def test_bad_dtypes_and_quantization_configs(tiny, tmp_path):
             {**config, "quantization_config": {**config["quantization_config"], **change}}))
         with pytest.raises(FormatError, match=message):
             CausalLM.from_pretrained(tmp_path / "q")
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.scale"] = tensors["model.layers.0.mlp.up_proj.scale"].float()
+    save_file(tensors, tmp_path / "q" / "model.safetensors")
+    with pytest.raises(FormatError, match="up_proj.scale is torch.float32, not torch.float16"):
+        CausalLM.from_pretrained(tmp_path / "q")

@@ -70,23 +70,22 @@ def compiled():
 
 def linear(x, q, scale, offset=None, bias=None):
     """x (M, in) float32 times the blocked weight (out, in), plus bias: (M, out) float32."""
-    module = compiled()
-    if module is None:
-        return fallback.linear(x, q, scale, offset, bias)
-    if bias is not None and bias.dtype != torch.float32:
-        bias = bias.float()
-    return module.linear(x.contiguous(), q, scale, offset, bias)
+    return _product("linear", x, q, scale, offset, bias)
 
 
 def linear_float(x, q, scale, offset=None, bias=None):
     """x (M, in) float32 times the blocked weight with the activations kept in float32 (no int8
     rounding: the output head, whose logits should move smoothly with the hidden state)."""
+    return _product("linear_float", x, q, scale, offset, bias)
+
+
+def _product(name, x, q, scale, offset, bias):
     module = compiled()
     if module is None:
-        return fallback.linear_float(x, q, scale, offset, bias)
+        return getattr(fallback, name)(x, q, scale, offset, bias)
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
-    return module.linear_float(x.contiguous(), q, scale, offset, bias)
+    return getattr(module, name)(x.contiguous(), q, scale, offset, bias)
 
 
 def decode_layer(x, norm1, qkv, o, norm2, gate_up, down, eps, cos, sin, k_cache, v_cache, n,
