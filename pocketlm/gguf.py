@@ -492,10 +492,7 @@ def state_dict_from_gguf(f: GGUFFile, config, dtype: torch.dtype = torch.float32
     for i, (name, info) in enumerate(f.tensors.items()):
         if i % 16 == 15:
             trim_heap()  # dequantizing frees many temporaries; keep them from piling up
-        ours = _our_name(name)
-        if ours is None:
-            raise FormatError(f"{f.path}: tensor {name!r} has no place in a {config.family} model; "
-                              "the file may be of an architecture variant pocketlm does not support yet")
+        ours = _our_name(f, name, config)
         if ours in transposed and len(info.shape) == 2:
             t = torch.empty(info.shape[::-1], dtype=dtype).t()
             for start in range(0, info.shape[0], TRANSPOSED_CHUNK_ROWS):
@@ -504,9 +501,8 @@ def state_dict_from_gguf(f: GGUFFile, config, dtype: torch.dtype = torch.float32
             out[ours] = t
             continue
         t = f.dequantize(name)
-        if ours.endswith(("q_proj.weight", "k_proj.weight")):
-            t = _unpermute(t, config.n_head if "q_proj" in ours else config.n_kv_head, f.path, name)
-        out[ours] = t.to(dtype)
+        heads = _rope_heads(ours, config)
+        out[ours] = (_unpermute(t, heads, f.path, name) if heads else t).to(dtype)
     return out
 
 
@@ -522,11 +518,8 @@ def quantized_state_from_gguf(f: GGUFFile, config) -> tuple[dict[str, torch.Tens
 
     out, bits_of = {}, {}
     for name, info in f.tensors.items():
-        ours = _our_name(name)
-        if ours is None:
-            raise FormatError(f"{f.path}: tensor {name!r} has no place in a {config.family} model; "
-                              "the file may be of an architecture variant pocketlm does not support yet")
-        heads = config.n_head if "q_proj" in ours else config.n_kv_head if "k_proj" in ours else None
+        ours = _our_name(f, name, config)
+        heads = _rope_heads(ours, config)
         if len(info.shape) != 2 or info.type.name in FLOAT_TYPES:
             t = f.dequantize(name)
             out[ours] = (_unpermute(t, heads, f.path, name) if heads else t).float()
@@ -544,12 +537,23 @@ def quantized_state_from_gguf(f: GGUFFile, config) -> tuple[dict[str, torch.Tens
     return out, bits_of
 
 
-def _our_name(name: str) -> str | None:
+def _our_name(f: GGUFFile, name: str, config) -> str:
+    """Our name for the file's tensor `name`; a FormatError for a tensor our model has no place for."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
         return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}"
+    raise FormatError(f"{f.path}: tensor {name!r} has no place in a {config.family} model; "
+                      "the file may be of an architecture variant pocketlm does not support yet")
+
+
+def _rope_heads(ours: str, config) -> int | None:
+    """The head count of a q or k projection (whose rows llama.cpp interleaves), else None."""
+    if ours.endswith("q_proj.weight"):
+        return config.n_head
+    if ours.endswith("k_proj.weight"):
+        return config.n_kv_head
     return None
 
 
