@@ -250,10 +250,7 @@ class DecodeStep:
 
     @classmethod
     def for_model(cls, model: nn.Module) -> "DecodeStep | None":
-        config = model.config
-        if (config.pos != "rope" or config.norm != "rmsnorm" or config.mlp != "swiglu" or config.act != "silu"
-                or config.bias or (model.training and config.dropout) or torch.is_grad_enabled()
-                or model.device.type != "cpu" or not isinstance(model.lm_head, nn.Linear)):
+        if not _flat_step_applies(model) or not isinstance(model.lm_head, nn.Linear):
             return None
         for block in model.model.layers:
             attn, mlp = block.self_attn, block.mlp
@@ -294,6 +291,16 @@ class DecodeStep:
         return model.lm_head(model.model.norm(x))
 
 
+def _flat_step_applies(model: nn.Module) -> bool:
+    """Whether a flat decode step (DecodeStep, QuantizedDecodeStep) computes what the model's
+    forward does: a RoPE + RMSNorm + SwiGLU (silu) model without biases, on CPU, grad off and no
+    dropout running."""
+    config = model.config
+    return (config.pos == "rope" and config.norm == "rmsnorm" and config.mlp == "swiglu" and config.act == "silu"
+            and not config.bias and not (model.training and config.dropout) and not torch.is_grad_enabled()
+            and model.device.type == "cpu")
+
+
 def _product(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """x (rows, in) → x @ weight.T, split over the threads when that applies."""
     slices = thread_slices(weight)
@@ -321,10 +328,7 @@ class QuantizedDecodeStep:
     def for_model(cls, model: nn.Module) -> "QuantizedDecodeStep | None":
         from pocketlm.quant import QuantizedLinear
 
-        config = model.config
-        if (config.pos != "rope" or config.norm != "rmsnorm" or config.mlp != "swiglu" or config.act != "silu"
-                or config.bias or torch.is_grad_enabled() or model.device.type != "cpu"
-                or model.dtype != torch.float32):
+        if not _flat_step_applies(model) or model.dtype != torch.float32:
             return None
         layers = []
         for block in model.model.layers:
