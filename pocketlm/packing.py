@@ -340,8 +340,8 @@ class QuantizedDecodeStep:
             gate_up = _fused_blocks(mlp, "gate_up", linears[4:6])
             if qkv is None or gate_up is None:
                 return None
-            layers.append((block.input_layernorm.weight, qkv, attn.o_proj.blocks(),
-                           block.post_attention_layernorm.weight, gate_up, mlp.down_proj.blocks()))
+            layers.append((block.input_layernorm.weight, qkv, attn.o_proj.kernel_blocks(),
+                           block.post_attention_layernorm.weight, gate_up, mlp.down_proj.kernel_blocks()))
         return cls(model, layers)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache,
@@ -370,8 +370,8 @@ class QuantizedDecodeStep:
 
 
 def _fused_blocks(module: nn.Module, name: str, linears) -> tuple | None:
-    """The (q, scale, offset) of `linears` fused (made once, kept on `module`), while the layers
-    still view it; None when they cannot be fused."""
+    """The kernel blocks (QuantizedLinear.kernel_blocks) of `linears` fused (made once, kept on
+    `module`), while the layers still view it; None when they cannot be fused."""
     from pocketlm.quant import fuse
 
     attr = f"_fused_{name}"
@@ -382,4 +382,4 @@ def _fused_blocks(module: nn.Module, name: str, linears) -> tuple | None:
         if fused is None:
             return None
         module.__dict__[attr] = fused  # not a submodule: the state dict keeps the layers' own names
-    return fused.blocks()
+    return fused.kernel_blocks()

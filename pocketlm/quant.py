@@ -80,6 +80,19 @@ class QuantizedLinear(nn.Module):
         """(q, scale, offset): what the kernels take."""
         return self.q, self.scale, self.offset
 
+    def kernel_blocks(self) -> tuple:
+        """(q, scale, offset, tiles): the blocks plus the scales regrouped for the compiled
+        products (kernels.tile_scales), made on first use and again whenever the scales change."""
+        from pocketlm import kernels
+
+        module = kernels.compiled()
+        key = (module, _identity(self.scale), None if self.offset is None else _identity(self.offset))
+        cached = self.__dict__.get("_tiles")
+        if cached is None or cached[0] != key:
+            cached = (key, kernels.tile_scales(self.scale, self.offset))
+            self.__dict__["_tiles"] = cached  # a plain attribute: not a buffer, not in the state dict
+        return self.q, self.scale, self.offset, cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """A few rows (decoding, small batches) go through the block kernels, activations
         quantized to int8 per block; more rows (a prefill) multiply the dequantized weight in one
@@ -100,7 +113,17 @@ class QuantizedLinear(nn.Module):
         from pocketlm import kernels
 
         product = kernels.linear_float if self.float_activations else kernels.linear
-        return product(x, *self.blocks(), self.bias)
+        q, scale, offset, tiles = self.kernel_blocks()
+        return product(x, q, scale, offset, self.bias, tiles)
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    """Where a tensor's values live and how often they were changed in place (tensors made under
+    inference_mode keep no count: their identity is where they live)."""
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:
+        return t.data_ptr(), None
 
 
 class QuantizedEmbedding(QuantizedLinear):

@@ -114,6 +114,40 @@ def test_linear_is_batch_and_thread_invariant(bits, threads):
             assert torch.equal(module.linear(batch, *weight)[where], alone[0]), (n_threads, M)
 
 
+@needs_compiled
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tiled_scales_are_the_scales_regrouped_by_output_tile(bits):
+    out, features = 37, 96  # a last, partial tile
+    layer, (q, scale, offset) = _weight(out, features, bits, seed=7)
+    tiles = kernels.tile_scales(scale, offset)
+    n_tiles, blocks, width = tiles.shape
+    lanes = width // (2 if bits == 4 else 1)  # the SIMD width the kernels were built for
+    assert tiles.dtype == torch.float16 and blocks == features // 32 and n_tiles == -(-out // lanes)
+    padded = lambda t: torch.cat((t, t.new_zeros(n_tiles * lanes - out, blocks)))  # noqa: E731
+    regrouped = lambda t: padded(t).view(n_tiles, lanes, blocks).transpose(1, 2)  # noqa: E731
+    assert torch.equal(tiles[..., :lanes], regrouped(scale))
+    if bits == 4:
+        assert torch.equal(tiles[..., lanes:], regrouped(offset))
+    # the product reads them: given or made for the call, the same bits
+    x = torch.randn(5, features)
+    assert torch.equal(kernels.linear(x, q, scale, offset, None, tiles), kernels.linear(x, q, scale, offset))
+    with pytest.raises(RuntimeError, match="tiles must be"):
+        kernels.linear(x, q, scale, offset, None, tiles[:-1].contiguous())
+
+
+@needs_compiled
+def test_quantized_layer_keeps_its_tiles_until_the_scales_change():
+    layer, _ = _weight(64, 64, 4, seed=8)
+    first = layer.kernel_blocks()[3]
+    assert layer.kernel_blocks()[3] is first
+    x = torch.randn(2, 64)
+    before = layer.kernel(x)
+    layer.scale.mul_(2)  # in place: the cached tiles are stale and must be remade
+    assert layer.kernel_blocks()[3] is not first
+    _close(layer.kernel(x), fallback.linear(x, *layer.blocks()), 1e-5)
+    assert not torch.allclose(layer.kernel(x), before)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("out,features", SHAPES)
 def test_float_activation_linear_is_the_dequantized_product(bits, out, features, threads):
@@ -225,7 +259,7 @@ def test_decode_layer_matches_reference(n, H, K, cache_dtype, masked):
     x, w, cos, sin, k_cache, v_cache, key_mask = _layer_case(2, H, K, n, cache_dtype, masked)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     expected = _reference_layer(x, w, 1e-5, cos, sin, k_ref, v_ref, n, H, K, key_mask)
-    implementations = [fallback.decode_layer] + ([_module().decode_layer] if _module() is not None else [])
+    implementations = [fallback.decode_layer] + ([kernels.decode_layer] if _module() is not None else [])
     for decode in implementations:
         k_out, v_out = k_cache.clone(), v_cache.clone()
         y = _run_layer(decode, x, w, 1e-5, cos, sin, k_out, v_out, n, H, K, key_mask)
@@ -243,13 +277,12 @@ def test_decode_layer_matches_reference(n, H, K, cache_dtype, masked):
 def test_decode_layer_is_batch_and_thread_invariant(cache_dtype, threads):
     n, H, K = 600, 9, 3
     x, w, cos, sin, k_cache, v_cache, key_mask = _layer_case(8, H, K, n, cache_dtype, True, seed=5)
-    module = _module()
     torch.set_num_threads(1)
-    alone = _run_layer(module.decode_layer, x[:1], w, 1e-5, cos[:1], sin[:1], k_cache[:1].clone(),
+    alone = _run_layer(kernels.decode_layer, x[:1], w, 1e-5, cos[:1], sin[:1], k_cache[:1].clone(),
                        v_cache[:1].clone(), n, H, K, key_mask[:1])
     for n_threads, B in ((2, 8), (3, 5), (2, 2)):
         torch.set_num_threads(n_threads)
-        y = _run_layer(module.decode_layer, x[:B], w, 1e-5, cos[:B], sin[:B], k_cache[:B].clone(),
+        y = _run_layer(kernels.decode_layer, x[:B], w, 1e-5, cos[:B], sin[:B], k_cache[:B].clone(),
                        v_cache[:B].clone(), n, H, K, key_mask[:B])
         assert torch.equal(y[0], alone[0]), (n_threads, B)
 

@@ -5,8 +5,9 @@ this machine's CPU on first use (torch.utils.cpp_extension, cached by CPU featur
 without a compiler, or with POCKETLM_KERNELS=off, the same math runs in plain PyTorch
 (fallback.py). All take plain tensors; the weight layout is the one documented in pocketlm/quant.py.
 
-    linear(x, q, scale, offset=None, bias=None)           x (M, in) → (M, out)
-    linear_float(x, q, scale, offset=None, bias=None)     the same with float32 activations (the head)
+    linear(x, q, scale, offset=None, bias=None, tiles=None)   x (M, in) → (M, out)
+    tile_scales(scale, offset=None)                        the scales regrouped for linear (or None)
+    linear_float(x, q, scale, offset=None, bias=None, tiles=None)   the same, float32 activations (the head)
     decode_layer(x, norm1, qkv, o, norm2, gate_up, down, eps, cos, sin, k_cache, v_cache, n,
                  n_head, n_kv_head, key_mask=None)         x (B, C) → (B, C); caches written at n
     dequantize(q, scale, offset=None)                      → (out, in) float32
@@ -68,33 +69,46 @@ def compiled():
         return _module
 
 
-def linear(x, q, scale, offset=None, bias=None):
-    """x (M, in) float32 times the blocked weight (out, in), plus bias: (M, out) float32."""
-    return _product("linear", x, q, scale, offset, bias)
-
-
-def linear_float(x, q, scale, offset=None, bias=None):
-    """x (M, in) float32 times the blocked weight with the activations kept in float32 (no int8
-    rounding: the output head, whose logits should move smoothly with the hidden state)."""
-    return _product("linear_float", x, q, scale, offset, bias)
-
-
-def _product(name, x, q, scale, offset, bias):
+def linear(x, q, scale, offset=None, bias=None, tiles=None):
+    """x (M, in) float32 times the blocked weight (out, in), plus bias: (M, out) float32. `tiles`,
+    from tile_scales(scale, offset), saves regrouping the scales on every call."""
     module = compiled()
     if module is None:
-        return getattr(fallback, name)(x, q, scale, offset, bias)
-    if bias is not None and bias.dtype != torch.float32:
-        bias = bias.float()
-    return getattr(module, name)(x.contiguous(), q, scale, offset, bias)
+        return fallback.linear(x, q, scale, offset, bias)
+    return module.linear(x.contiguous(), q, scale, offset, _float_bias(bias), tiles)
+
+
+def tile_scales(scale, offset=None):
+    """The scales (and offsets) regrouped by output tile, the layout the compiled products read
+    (made once per weight and kept by its owner); None when the fallback runs."""
+    module = compiled()
+    return None if module is None else module.tile_scales(scale, offset)
+
+
+def linear_float(x, q, scale, offset=None, bias=None, tiles=None):
+    """x (M, in) float32 times the blocked weight with the activations kept in float32 (no int8
+    rounding: the output head, whose logits should move smoothly with the hidden state)."""
+    module = compiled()
+    if module is None:
+        return fallback.linear_float(x, q, scale, offset, bias)
+    return module.linear_float(x.contiguous(), q, scale, offset, _float_bias(bias), tiles)
+
+
+def _float_bias(bias):
+    return bias.float() if bias is not None and bias.dtype != torch.float32 else bias
 
 
 def decode_layer(x, norm1, qkv, o, norm2, gate_up, down, eps, cos, sin, k_cache, v_cache, n,
                  n_head, n_kv_head, key_mask=None):
-    """One decoder layer for one new token per row (math: fallback.decode_layer)."""
+    """One decoder layer for one new token per row (math: fallback.decode_layer). Each weight is
+    (q, scale, offset) or (q, scale, offset, tiles) with tiles from tile_scales."""
     module = compiled()
+    weights = [tuple(w) + (None,) * (4 - len(w)) for w in (qkv, o, gate_up, down)]
     if module is None:
+        qkv, o, gate_up, down = (w[:3] for w in weights)
         return fallback.decode_layer(x, norm1, qkv, o, norm2, gate_up, down, eps, cos, sin,
                                      k_cache, v_cache, n, n_head, n_kv_head, key_mask)
+    qkv, o, gate_up, down = weights
     return module.decode_layer(x, norm1, qkv, o, norm2, gate_up, down, float(eps), cos, sin,
                                k_cache, v_cache, int(n), int(n_head), int(n_kv_head), key_mask)
 

@@ -31,12 +31,13 @@ def main(threads: int = 2) -> None:
     torch.manual_seed(0)
     shapes = {"qkv": ((H + 2 * K) * D, C), "o": (C, H * D), "gate_up": (2 * I, C), "down": (C, I)}
     layers = {name: quantize(torch.randn(shape) * 0.05, 4) for name, shape in shapes.items()}
-    weights = {name: (layer.q, layer.scale, layer.offset) for name, layer in layers.items()}
+    weights = {name: layer.kernel_blocks() for name, layer in layers.items()}
     for M in (1, 8):
         total_q = total_f = 0.0
         for name, (out, features) in shapes.items():
             x, dense = torch.randn(M, features), layers[name].dequantize()
-            q_us = best_us(lambda: kernels.linear(x, *weights[name]))
+            q, scale, offset, tiles = weights[name]
+            q_us = best_us(lambda: kernels.linear(x, q, scale, offset, None, tiles))
             f_us = best_us(lambda: F.linear(x, dense))
             total_q, total_f = total_q + q_us, total_f + f_us
             print(f"M={M} {name:8s} ({out}x{features}): int4 {q_us:7.1f} µs  fp32 F.linear {f_us:7.1f} µs")

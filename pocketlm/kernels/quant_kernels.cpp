@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -30,10 +31,7 @@
 namespace {
 
 constexpr int64_t BLOCK = 32;
-constexpr int64_t ROW_TILE = 4;     // activation rows sharing one unpacked weight block
 constexpr int64_t ATTN_CHUNK = 256; // key positions per attention work item (fixed: invariance)
-constexpr int64_t GROUP = 16;       // blocks whose scales are loaded together (AVX-512 lanes)
-constexpr int64_t PREFETCH_ROWS = 8; // weight rows requested ahead of the one being multiplied
 
 const char* kernel_path() {
 #if defined(PL_AVX512)
@@ -86,113 +84,165 @@ QWeight view_weight(const at::Tensor& q, const at::Tensor& scale, const std::opt
 }
 
 // Activations quantized per row per block: q = nearbyint(x · 127 / amax), sx = amax / 127.
-// Rows are padded to whole groups of 16 blocks with zeros so that kernels may read a full group.
 struct QActs {
-  int64_t M = 0, nb = 0, nb_pad = 0;
-  std::vector<int8_t> q;    // (M, nb_pad · 32), in the kernel's layout (see quantize_activations)
-  std::vector<float> sx;    // (M, nb_pad)
-  std::vector<float> sxs;   // (M, nb_pad): sx · Σ q, for the offset term
-  const int8_t* row(int64_t m) const { return q.data() + m * nb_pad * BLOCK; }
+  int64_t M = 0, nb = 0;
+  std::vector<int8_t> q;      // (M, nb · 32)
+  std::vector<float> sx;      // (M, nb)
+  std::vector<float> sxs;     // (M, nb): sx · Σ q, for the 4-bit offset term
+  std::vector<int32_t> qsum;  // (M, nb): Σ q, to undo the +128 bias of 8-bit weights
+  const int8_t* row(int64_t m) const { return q.data() + m * nb * BLOCK; }
 };
 
-// Position of element i of block b inside a row of quantized activations. The AVX-512 4-bit kernel
-// unpacks two blocks' low nibbles into one 256-bit half and their high nibbles into the other, so
-// the activations of each pair of blocks are stored in that same order: [b0 0..15 | b1 0..15 |
-// b0 16..31 | b1 16..31]. Every other kernel reads blocks in their natural order.
-inline int64_t act_pos(int64_t b, int64_t i, bool int4) {
-#if defined(PL_AVX512)
-  if (int4) return (b >> 1) * 64 + (i >> 4) * 32 + (b & 1) * 16 + (i & 15);
-#endif
-  (void)int4;
-  return b * BLOCK + i;
-}
-
-void quantize_activations(const float* x, int64_t M, int64_t in, bool int4, QActs& a) {
+void quantize_activations(const float* x, int64_t M, int64_t in, QActs& a) {
   a.M = M;
   a.nb = in / BLOCK;
-  a.nb_pad = (a.nb + GROUP - 1) / GROUP * GROUP;
-  a.q.assign(M * a.nb_pad * BLOCK, 0);
-  a.sx.assign(M * a.nb_pad, 0.f);
-  a.sxs.assign(M * a.nb_pad, 0.f);
+  a.q.resize(M * a.nb * BLOCK);
+  a.sx.resize(M * a.nb);
+  a.sxs.resize(M * a.nb);
+  a.qsum.resize(M * a.nb);
   for (int64_t m = 0; m < M; ++m) {
-    int8_t* qrow = a.q.data() + m * a.nb_pad * BLOCK;
     for (int64_t b = 0; b < a.nb; ++b) {
       const float* xb = x + m * in + b * BLOCK;
+      int8_t* qb = a.q.data() + (m * a.nb + b) * BLOCK;
       float amax = 0.f;
       for (int64_t i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
       const float inv = amax == 0.f ? 0.f : 127.f / amax;
       int sum = 0;
       for (int64_t i = 0; i < BLOCK; ++i) {
         const int v = static_cast<int>(std::nearbyint(xb[i] * inv));  // round half to even
-        qrow[act_pos(b, i, int4)] = static_cast<int8_t>(v);
+        qb[i] = static_cast<int8_t>(v);
         sum += v;
       }
-      a.sx[m * a.nb_pad + b] = amax / 127.f;
-      a.sxs[m * a.nb_pad + b] = a.sx[m * a.nb_pad + b] * static_cast<float>(sum);
+      const int64_t at = m * a.nb + b;
+      a.sx[at] = amax / 127.f;
+      a.sxs[at] = a.sx[at] * static_cast<float>(sum);
+      a.qsum[at] = sum;
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Dot products of one weight row with R activation rows. Each row's arithmetic is the same
-// whatever R is: R only decides how many rows share one unpacked weight block.
+// The blocked product. Output rows are taken OUT_TILE at a time, one per SIMD lane: block b of
+// the tile's weight rows is loaded and transposed in registers so that lane r holds 4 weights of
+// row r, and each activation row then needs only 8 integer dot-product steps per block (4 of its
+// int8 values broadcast to every lane), one conversion and one multiply-add per block, instead of
+// a horizontal sum per output. Up to ROW_TILE activation rows share each transposed block.
+//
+// Per output, the float arithmetic is one accumulator updated block by block in order:
+//   acc = fma(float(Σ_i w_i·x_i), scale_b · sx_b, acc)       then, for 4-bit blocks,
+//   acc = fma(offset_b, sx_b · Σ_i x_i, acc)
+// the same whatever the batch, the tile or the thread, so rows are batch-invariant.
+
+constexpr int64_t ROW_TILE = 8;  // activation rows sharing one transposed weight block
+constexpr int64_t AHEAD_TILES = 1;  // how far ahead weights are prefetched
+
+// One tile of OUT_TILE output rows as the product kernels read it.
+struct Tile {
+  const at::Half* scales;  // per block: the tile's OUT_TILE scales, then (4-bit) its OUT_TILE offsets
+  int64_t nb;
+  // bytes of a later tile to request from memory while this one is multiplied, spread over its
+  // blocks (decoding streams every weight once: the loads then overlap the arithmetic)
+  const char* ahead = nullptr;
+  int64_t ahead_per_block = 0;
+  const char* ahead_scales = nullptr;
+  int64_t ahead_scales_per_block = 0;
+};
+
+inline void prefetch_ahead(const Tile& ts, int64_t b) {
+#if defined(PL_AVX512) || defined(PL_AVX2)
+  const char* p = ts.ahead + b * ts.ahead_per_block;
+  for (int64_t at = 0; at < ts.ahead_per_block; at += 64) _mm_prefetch(p + at, _MM_HINT_T0);
+  p = ts.ahead_scales + b * ts.ahead_scales_per_block;
+  for (int64_t at = 0; at < ts.ahead_scales_per_block; at += 64) _mm_prefetch(p + at, _MM_HINT_T0);
+#else
+  (void)ts, (void)b;
+#endif
+}
+
+inline int32_t load_u32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
 
 #if defined(PL_AVX512)
 
-template <int R, bool INT4>
-void dot_rows(const QWeight& w, int64_t o, const QActs& a, int64_t m0, float* dots) {
-  const uint8_t* wq = w.q + o * w.row_bytes;
-  const at::Half* ws = w.scale + o * w.nb;
-  const at::Half* wo = INT4 ? w.offset + o * w.nb : nullptr;
-  __m512 acc[R], acco[R];
-  for (int r = 0; r < R; ++r) acc[r] = acco[r] = _mm512_setzero_ps();
-  // lane → block of the pair: int4 lanes hold [b0 lo, b1 lo, b0 hi, b1 hi] in groups of 4 lanes,
-  // int8 lanes hold [b0, b1] in groups of 8
-  const __m512i pattern = INT4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1)
-                               : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
-  const __m512i zero = _mm512_setzero_si512();
-  for (int64_t g = 0; g < w.nb; g += GROUP) {
-    const int nbg = static_cast<int>(std::min<int64_t>(GROUP, w.nb - g));
-    const __mmask16 mk = static_cast<__mmask16>((1u << nbg) - 1);
-    const __m512 sc = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, ws + g));
-    __m512 d[R];
-    for (int r = 0; r < R; ++r) d[r] = _mm512_mul_ps(sc, _mm512_loadu_ps(a.sx.data() + (m0 + r) * a.nb_pad + g));
-    if (INT4) {
-      const __m512 of = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, wo + g));
-      for (int r = 0; r < R; ++r)
-        acco[r] = _mm512_fmadd_ps(of, _mm512_loadu_ps(a.sxs.data() + (m0 + r) * a.nb_pad + g), acco[r]);
-    }
-    for (int p = 0; 2 * p < nbg; ++p) {
-      const int64_t b = g + 2 * p;
-      const bool pair = 2 * p + 1 < nbg;  // a lone last block reads zeros for its partner
-      __m512i wv;
-      __mmask64 negative = 0;
-      if (INT4) {
-        const __m256i raw = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + b * 16))
-                                 : _mm256_maskz_loadu_epi8(0xFFFFu, wq + b * 16);
-        const __m256i lo = _mm256_and_si256(raw, nibble);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
-        wv = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-      } else {
-        const __m512i raw = pair ? _mm512_loadu_si512(wq + b * 32) : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, wq + b * 32);
-        // vpdpbusd multiplies unsigned by signed bytes: use |w| and move w's sign onto x
-        wv = _mm512_abs_epi8(raw);
-        negative = _mm512_movepi8_mask(raw);
-      }
-      const __m512i idx = _mm512_add_epi32(pattern, _mm512_set1_epi32(2 * p));
-      for (int r = 0; r < R; ++r) {
-        __m512i xq = _mm512_loadu_si512(a.row(m0 + r) + b * BLOCK);
-        if (!INT4) xq = _mm512_mask_sub_epi8(xq, negative, zero, xq);
-        const __m512i isum = _mm512_dpbusd_epi32(zero, wv, xq);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_permutexvar_ps(idx, d[r]), acc[r]);
-      }
-    }
+constexpr int64_t OUT_TILE = 16;
+
+// Lane r of out[j] = bytes 4j..4j+3 of the 16 bytes at rows[r] + at (r < 16).
+inline void transpose_16(const uint8_t* const* rows, int64_t at, __m512i out[4]) {
+  __m512i t[4];
+  for (int r = 0; r < 4; ++r) {  // t[r]'s 128-bit lane k holds row r + 4k
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + at)));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r + 4] + at)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r + 8] + at)), 2);
+    t[r] = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r + 12] + at)), 3);
   }
-  for (int r = 0; r < R; ++r) dots[r] = _mm512_reduce_add_ps(acc[r]) + _mm512_reduce_add_ps(acco[r]);
+  const __m512i a0 = _mm512_unpacklo_epi32(t[0], t[1]), a1 = _mm512_unpackhi_epi32(t[0], t[1]);
+  const __m512i a2 = _mm512_unpacklo_epi32(t[2], t[3]), a3 = _mm512_unpackhi_epi32(t[2], t[3]);
+  out[0] = _mm512_unpacklo_epi64(a0, a2);
+  out[1] = _mm512_unpackhi_epi64(a0, a2);
+  out[2] = _mm512_unpacklo_epi64(a1, a3);
+  out[3] = _mm512_unpackhi_epi64(a1, a3);
 }
 
+// acc[r] (one lane per output row of the tile) for activation rows m0 .. m0 + R - 1.
+template <int R, bool INT4>
+void tile_rows(const uint8_t* const* rows, const Tile& ts, const QActs& a, int64_t m0, __m512* acc) {
+  const int64_t nb = ts.nb;
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t b = 0; b < nb; ++b) {
+    // wv[j] pairs with activations 4j .. 4j + 3 of the block: a 4-bit byte i holds weight i in its
+    // low nibble and weight i + 16 in its high one; 8-bit weights get +128 so that they are the
+    // unsigned operand of vpdpbusd (undone below with 128 · Σ x)
+    if (ts.ahead) prefetch_ahead(ts, b);
+    __m512i wv[8];
+    if (INT4) {
+      transpose_16(rows, b * 16, wv);
+      for (int j = 0; j < 4; ++j) {
+        wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(wv[j], 4), low);
+        wv[j] = _mm512_and_si512(wv[j], low);
+      }
+    } else {
+      transpose_16(rows, b * BLOCK, wv);
+      transpose_16(rows, b * BLOCK + 16, wv + 4);
+      for (int j = 0; j < 8; ++j) wv[j] = _mm512_xor_si512(wv[j], flip);
+    }
+    const at::Half* sb = ts.scales + b * (INT4 ? 2 : 1) * OUT_TILE;
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
+    const __m512 f = INT4 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + OUT_TILE)))
+                          : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (m0 + r) * nb + b;
+      const int8_t* x = a.q.data() + at * BLOCK;
+      // two independent chains of 4 steps (integer sums: exact in any order)
+      __m512i even = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[0], _mm512_set1_epi32(load_u32(x)));
+      __m512i odd = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[1], _mm512_set1_epi32(load_u32(x + 4)));
+      for (int j = 2; j < 8; j += 2) {
+        even = _mm512_dpbusd_epi32(even, wv[j], _mm512_set1_epi32(load_u32(x + 4 * j)));
+        odd = _mm512_dpbusd_epi32(odd, wv[j + 1], _mm512_set1_epi32(load_u32(x + 4 * j + 4)));
+      }
+      __m512i isum = _mm512_add_epi32(even, odd);
+      if (!INT4) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * a.qsum[at]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(s, _mm512_set1_ps(a.sx[at])), acc[r]);
+      if (INT4) acc[r] = _mm512_fmadd_ps(f, _mm512_set1_ps(a.sxs[at]), acc[r]);
+    }
+  }
+}
+
+template <int R>
+void store_rows(const __m512* acc, int64_t lanes, const float* bias, float* y, int64_t stride) {
+  const __mmask16 mk = static_cast<__mmask16>((1u << lanes) - 1);
+  const __m512 bv = bias ? _mm512_maskz_loadu_ps(mk, bias) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * stride, mk, bias ? _mm512_add_ps(acc[r], bv) : acc[r]);
+}
+
+using Acc = __m512;
+
 #elif defined(PL_AVX2)
+
+constexpr int64_t OUT_TILE = 8;
 
 inline float hsum256(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -200,109 +250,203 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
+// Lane r of out[j] = bytes 4j..4j+3 of the 16 bytes at rows[r] + at (r < 8).
+inline void transpose_8(const uint8_t* const* rows, int64_t at, __m256i out[4]) {
+  __m256i t[4];
+  for (int r = 0; r < 4; ++r)  // t[r]'s 128-bit lane k holds row r + 4k
+    t[r] = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + at))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r + 4] + at)), 1);
+  const __m256i a0 = _mm256_unpacklo_epi32(t[0], t[1]), a1 = _mm256_unpackhi_epi32(t[0], t[1]);
+  const __m256i a2 = _mm256_unpacklo_epi32(t[2], t[3]), a3 = _mm256_unpackhi_epi32(t[2], t[3]);
+  out[0] = _mm256_unpacklo_epi64(a0, a2);
+  out[1] = _mm256_unpackhi_epi64(a0, a2);
+  out[2] = _mm256_unpacklo_epi64(a1, a3);
+  out[3] = _mm256_unpackhi_epi64(a1, a3);
+}
+
 template <int R, bool INT4>
-void dot_rows(const QWeight& w, int64_t o, const QActs& a, int64_t m0, float* dots) {
-  const uint8_t* wq = w.q + o * w.row_bytes;
-  const at::Half* ws = w.scale + o * w.nb;
-  const at::Half* wo = INT4 ? w.offset + o * w.nb : nullptr;
-  __m256 acc[R];
-  float acco[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), acco[r] = 0.f;
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t b = 0; b < w.nb; ++b) {
-    __m256i wv, sign;
+void tile_rows(const uint8_t* const* rows, const Tile& ts, const QActs& a, int64_t m0, __m256* acc) {
+  const int64_t nb = ts.nb;
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < nb; ++b) {
+    // vpmaddubsw multiplies unsigned by signed bytes: 4-bit weights are unsigned already; 8-bit
+    // ones go in as |w| with their sign moved onto x. Pairs fit int16 (2·15·127, 2·128·127).
+    if (ts.ahead) prefetch_ahead(ts, b);
+    __m256i wv[8], sign[8];
     if (INT4) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wq + b * 16));
-      wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), nibble), _mm_and_si128(raw, nibble));
+      transpose_8(rows, b * 16, wv);
+      for (int j = 0; j < 4; ++j) {
+        wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(wv[j], 4), low);
+        wv[j] = _mm256_and_si256(wv[j], low);
+      }
     } else {
-      // maddubs multiplies unsigned by signed bytes: use |w| and move w's sign onto x
-      sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + b * 32));
-      wv = _mm256_sign_epi8(sign, sign);
+      transpose_8(rows, b * BLOCK, sign);
+      transpose_8(rows, b * BLOCK + 16, sign + 4);
+      for (int j = 0; j < 8; ++j) wv[j] = _mm256_sign_epi8(sign[j], sign[j]);
     }
-    const float sc = static_cast<float>(ws[b]);
+    const at::Half* sb = ts.scales + b * (INT4 ? 2 : 1) * OUT_TILE;
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb)));
+    const __m256 f = INT4 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + OUT_TILE)))
+                          : _mm256_setzero_ps();
     for (int r = 0; r < R; ++r) {
-      __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.row(m0 + r) + b * BLOCK));
-      if (!INT4) xq = _mm256_sign_epi8(xq, sign);
-      // pairs of products fit int16: 2 · 15 · 127 (int4) and 2 · 128 · 127 (int8)
-      const __m256i isum = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xq), ones);
-      const float d = sc * a.sx[(m0 + r) * a.nb_pad + b];
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d), acc[r]);
-      if (INT4) acco[r] += static_cast<float>(wo[b]) * a.sxs[(m0 + r) * a.nb_pad + b];
+      const int64_t at = (m0 + r) * nb + b;
+      const int8_t* x = a.q.data() + at * BLOCK;
+      __m256i isum = _mm256_setzero_si256();
+      for (int j = 0; j < 8; ++j) {
+        __m256i xv = _mm256_set1_epi32(load_u32(x + 4 * j));
+        if (!INT4) xv = _mm256_sign_epi8(xv, sign[j]);
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(wv[j], xv), ones));
+      }
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(s, _mm256_set1_ps(a.sx[at])), acc[r]);
+      if (INT4) acc[r] = _mm256_fmadd_ps(f, _mm256_set1_ps(a.sxs[at]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) dots[r] = hsum256(acc[r]) + acco[r];
 }
+
+template <int R>
+void store_rows(const __m256* acc, int64_t lanes, const float* bias, float* y, int64_t stride) {
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float v[OUT_TILE];
+    _mm256_store_ps(v, acc[r]);
+    for (int64_t l = 0; l < lanes; ++l) y[r * stride + l] = bias ? v[l] + bias[l] : v[l];
+  }
+}
+
+using Acc = __m256;
 
 #else
 
+constexpr int64_t OUT_TILE = 1;
+
+struct Acc {
+  float v;
+};
+
 template <int R, bool INT4>
-void dot_rows(const QWeight& w, int64_t o, const QActs& a, int64_t m0, float* dots) {
-  const uint8_t* wq = w.q + o * w.row_bytes;
-  for (int r = 0; r < R; ++r) {
-    const int8_t* x = a.row(m0 + r);
-    float acc = 0.f, acco = 0.f;
-    for (int64_t b = 0; b < w.nb; ++b) {
+void tile_rows(const uint8_t* const* rows, const Tile& ts, const QActs& a, int64_t m0, Acc* acc) {
+  const int64_t nb = ts.nb;
+  const uint8_t* wq = rows[0];
+  for (int r = 0; r < R; ++r) acc[r].v = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (m0 + r) * nb + b;
+      const int8_t* x = a.q.data() + at * BLOCK;
       int isum = 0;
       if (INT4) {
-        for (int i = 0; i < 16; ++i) {
-          isum += (wq[b * 16 + i] & 15) * x[b * BLOCK + i];
-          isum += (wq[b * 16 + i] >> 4) * x[b * BLOCK + 16 + i];
-        }
+        for (int i = 0; i < 16; ++i) isum += (wq[b * 16 + i] & 15) * x[i] + (wq[b * 16 + i] >> 4) * x[16 + i];
       } else {
         const int8_t* wb = reinterpret_cast<const int8_t*>(wq) + b * BLOCK;
-        for (int i = 0; i < BLOCK; ++i) isum += wb[i] * x[b * BLOCK + i];
+        for (int i = 0; i < BLOCK; ++i) isum += wb[i] * x[i];
       }
-      const float sx = a.sx[(m0 + r) * a.nb_pad + b];
-      acc += static_cast<float>(w.scale[o * w.nb + b]) * sx * static_cast<float>(isum);
-      if (INT4) acco += static_cast<float>(w.offset[o * w.nb + b]) * a.sxs[(m0 + r) * a.nb_pad + b];
+      const at::Half* sb = ts.scales + b * (INT4 ? 2 : 1);
+      acc[r].v = std::fma(static_cast<float>(isum), static_cast<float>(sb[0]) * a.sx[at], acc[r].v);
+      if (INT4) acc[r].v = std::fma(static_cast<float>(sb[1]), a.sxs[at], acc[r].v);
     }
-    dots[r] = acc + acco;
   }
+}
+
+template <int R>
+void store_rows(const Acc* acc, int64_t, const float* bias, float* y, int64_t stride) {
+  for (int r = 0; r < R; ++r) y[r * stride] = bias ? acc[r].v + bias[0] : acc[r].v;
 }
 
 #endif
 
 template <bool INT4>
-void dot_tile(const QWeight& w, int64_t o, const QActs& a, int64_t m0, int64_t rows, float* dots) {
-  switch (rows) {
-    case 1: dot_rows<1, INT4>(w, o, a, m0, dots); break;
-    case 2: dot_rows<2, INT4>(w, o, a, m0, dots); break;
-    case 3: dot_rows<3, INT4>(w, o, a, m0, dots); break;
-    default: dot_rows<4, INT4>(w, o, a, m0, dots); break;
+void tile_product(const uint8_t* const* rows, const Tile& ts, const QActs& a, int64_t m0, int64_t count,
+                  int64_t lanes, const float* bias, float* y, int64_t stride) {
+  Acc acc[ROW_TILE];
+#define PL_TILE_CASE(R)                                      \
+  case R:                                                    \
+    tile_rows<R, INT4>(rows, ts, a, m0, acc);                \
+    store_rows<R>(acc, lanes, bias, y, stride);              \
+    break;
+  switch (count) {
+    PL_TILE_CASE(1) PL_TILE_CASE(2) PL_TILE_CASE(3) PL_TILE_CASE(4)
+    PL_TILE_CASE(5) PL_TILE_CASE(6) PL_TILE_CASE(7)
+    default: PL_TILE_CASE(8)
   }
+#undef PL_TILE_CASE
+}
+
+// The scales (and 4-bit offsets) regrouped for the product: (tiles, nb, P) float16, where tile t's
+// block b holds the scales of rows t·OUT_TILE .. t·OUT_TILE + OUT_TILE - 1 (0 past the last row),
+// then, for 4-bit blocks, their offsets: P = OUT_TILE or 2 · OUT_TILE. One load per block per
+// tile instead of OUT_TILE strided reads. Made once per weight (QuantizedLinear keeps it).
+at::Tensor tile_scales(const at::Tensor& scale, const std::optional<at::Tensor>& offset) {
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.dim() == 2 && scale.is_contiguous(),
+              "tile_scales: scale must be contiguous float16 (out, blocks)");
+  const bool int4 = offset.has_value() && offset->defined();
+  if (int4)
+    TORCH_CHECK(offset->scalar_type() == at::kHalf && offset->is_contiguous() && offset->sizes() == scale.sizes(),
+                "tile_scales: offset must be contiguous float16 shaped like scale");
+  const int64_t out = scale.size(0), nb = scale.size(1), tiles = (out + OUT_TILE - 1) / OUT_TILE;
+  const int64_t P = (int4 ? 2 : 1) * OUT_TILE;
+  at::Tensor tiled = at::zeros({tiles, nb, P}, scale.options());
+  const at::Half* sp = scale.data_ptr<at::Half>();
+  const at::Half* op = int4 ? offset->data_ptr<at::Half>() : nullptr;
+  at::Half* dst = tiled.data_ptr<at::Half>();
+  for (int64_t o = 0; o < out; ++o) {
+    at::Half* tile = dst + (o / OUT_TILE) * nb * P + o % OUT_TILE;
+    for (int64_t b = 0; b < nb; ++b) {
+      tile[b * P] = sp[o * nb + b];
+      if (int4) tile[b * P + OUT_TILE] = op[o * nb + b];
+    }
+  }
+  return tiled;
+}
+
+// The tiled scales of w: `tiles` checked, or made now into `made` when the caller has none.
+const at::Half* tiles_ptr(const std::optional<at::Tensor>& tiles, const at::Tensor& scale,
+                          const std::optional<at::Tensor>& offset, const QWeight& w, at::Tensor& made, const char* what) {
+  const int64_t n_tiles = (w.out + OUT_TILE - 1) / OUT_TILE, P = (w.int4 ? 2 : 1) * OUT_TILE;
+  if (!tiles.has_value() || !tiles->defined()) {
+    made = tile_scales(scale, offset);
+    return made.data_ptr<at::Half>();
+  }
+  TORCH_CHECK(tiles->scalar_type() == at::kHalf && tiles->is_contiguous() && tiles->dim() == 3 &&
+                  tiles->size(0) == n_tiles && tiles->size(1) == w.nb && tiles->size(2) == P,
+              what, ": tiles must be contiguous float16 (", n_tiles, ", ", w.nb, ", ", P, ") from tile_scales");
+  return tiles->data_ptr<at::Half>();
 }
 
 // y (M, out) = the blocked product of quantized activations a with weight w (+ bias).
-// Threads split the output rows; each thread streams its slice of the weight once for all M rows.
-void linear_into(const QActs& a, const QWeight& w, const float* bias, float* y) {
-  const int64_t M = a.M, out = w.out;
-  at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) {
-    float dots[ROW_TILE];
-    for (int64_t o = o0; o < o1; ++o) {
-#if defined(PL_AVX512) || defined(PL_AVX2)
-      // decoding streams every weight from memory once: ask for a row a few rows ahead, so the
-      // loads overlap the arithmetic instead of waiting on each cache miss in turn
-      if (o + PREFETCH_ROWS < o1) {
-        const char* ahead = reinterpret_cast<const char*>(w.q + (o + PREFETCH_ROWS) * w.row_bytes);
-        for (int64_t at = 0; at < w.row_bytes; at += 64) _mm_prefetch(ahead + at, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w.scale + (o + PREFETCH_ROWS) * w.nb), _MM_HINT_T0);
-        if (w.offset) _mm_prefetch(reinterpret_cast<const char*>(w.offset + (o + PREFETCH_ROWS) * w.nb), _MM_HINT_T0);
+// Threads split the output tiles; each thread streams its slice of the weight once per ROW_TILE rows.
+void linear_into(const QActs& a, const QWeight& w, const at::Half* tiled, const float* bias, float* y) {
+  const int64_t M = a.M, out = w.out, nb = w.nb, tiles = (out + OUT_TILE - 1) / OUT_TILE;
+  const int64_t P = (w.int4 ? 2 : 1) * OUT_TILE;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> zeros;  // stands in for the missing rows of a last, partial tile
+    const uint8_t* rows[OUT_TILE];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t o0 = t * OUT_TILE, lanes = std::min(OUT_TILE, out - o0);
+      if (lanes < OUT_TILE && zeros.empty()) zeros.assign(w.row_bytes, 0);
+      for (int64_t r = 0; r < OUT_TILE; ++r) rows[r] = r < lanes ? w.q + (o0 + r) * w.row_bytes : zeros.data();
+      Tile ts{tiled + t * nb * P, nb};
+      if (t + AHEAD_TILES < t1) {  // (the first rows only: later ones find the tile in cache)
+        const int64_t first = (t + AHEAD_TILES) * OUT_TILE, count = std::min(OUT_TILE, out - first);
+        ts.ahead = reinterpret_cast<const char*>(w.q + first * w.row_bytes);
+        ts.ahead_per_block = (count * w.row_bytes + nb * 64 - 1) / (nb * 64) * 64;
+        ts.ahead_scales = reinterpret_cast<const char*>(tiled + (t + AHEAD_TILES) * nb * P);
+        ts.ahead_scales_per_block = (P * 2 + 63) / 64 * 64;
       }
-#endif
       for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
-        const int64_t rows = std::min(ROW_TILE, M - m0);
-        if (w.int4) dot_tile<true>(w, o, a, m0, rows, dots);
-        else dot_tile<false>(w, o, a, m0, rows, dots);
-        for (int64_t r = 0; r < rows; ++r) y[(m0 + r) * out + o] = bias ? dots[r] + bias[o] : dots[r];
+        const int64_t count = std::min(ROW_TILE, M - m0);
+        const float* b0 = bias ? bias + o0 : nullptr;
+        if (m0 > 0) ts.ahead = ts.ahead_scales = nullptr, ts.ahead_per_block = ts.ahead_scales_per_block = 0;
+        if (w.int4) tile_product<true>(rows, ts, a, m0, count, lanes, b0, y + m0 * out + o0, out);
+        else tile_product<false>(rows, ts, a, m0, count, lanes, b0, y + m0 * out + o0, out);
       }
     }
   });
 }
 
-void linear_raw(const float* x, int64_t M, const QWeight& w, const float* bias, float* y, QActs& scratch) {
-  quantize_activations(x, M, w.in, w.int4, scratch);
-  linear_into(scratch, w, bias, y);
+void linear_raw(const float* x, int64_t M, const QWeight& w, const at::Half* tiled, const float* bias, float* y,
+                QActs& scratch) {
+  quantize_activations(x, M, w.in, scratch);
+  linear_into(scratch, w, tiled, bias, y);
 }
 
 void check_rows(const at::Tensor& x, int64_t width, const char* what) {
@@ -319,136 +463,200 @@ const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t out) {
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-                  const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias) {
+                  const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& tiles) {
   const QWeight w = view_weight(q, scale, offset, "linear");
   check_rows(x, w.in, "linear: x");
   at::Tensor y = at::empty({x.size(0), w.out}, x.options());
   QActs scratch;
-  linear_raw(x.data_ptr<float>(), x.size(0), w, bias_ptr(bias, w.out), y.data_ptr<float>(), scratch);
+  at::Tensor made;
+  const at::Half* tp = tiles_ptr(tiles, scale, offset, w, made, "linear");
+  linear_raw(x.data_ptr<float>(), x.size(0), w, tp, bias_ptr(bias, w.out), y.data_ptr<float>(), scratch);
   return y;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Float activations times blocked weights, for the output head: its logits feed every token's
 // choice, and quantizing its input to int8 would make them jump when one activation crosses a
-// rounding step (a block holding one of the model's outlier features has coarse steps). Here
-// the weights are dequantized block by block in registers and the activations stay float32, so
-// the logits move smoothly with the hidden state. Per output, one accumulator walks the blocks in
-// order, so each row's result is the same bits whatever the batch.
+// rounding step (a block holding one of the model's outlier features has coarse steps). The
+// weights are converted to float in registers and the activations stay float32, so the logits
+// move smoothly with the hidden state. Tiles of output rows as in the integer product; per
+// output, the 32 products of a block are summed in order, then
+//   acc = fma(block sum, scale_b, acc)      and, for 4-bit blocks,   acc = fma(offset_b, Σ x, acc)
+// block after block: each row's result is the same bits whatever the batch.
 
-inline float dot_float_row(const QWeight& w, int64_t o, const float* x);
+constexpr int64_t FLOAT_ROW_TILE = 4;  // activation rows sharing one converted weight block
 
-// Σ_b over one weight row o for R activation rows: scale_b · Σ q·x (+ offset_b · Σ x). Each
-// block's weights are converted to float once and used for all R rows; every row's accumulator
-// sees the same operations in the same order whatever R is.
-template <int R>
-inline void dot_float_rows(const QWeight& w, int64_t o, const float* x, int64_t stride, float* dots) {
-  const uint8_t* row = w.q + o * w.row_bytes;
-  const at::Half* sc = w.scale + o * w.nb;
-  const at::Half* off = w.offset ? w.offset + o * w.nb : nullptr;
 #if defined(PL_AVX512)
-  __m512 acc[R];
+
+template <int R, bool INT4>
+void float_tile_rows(const uint8_t* const* rows, const Tile& ts, const float* x, const float* xsum, int64_t in,
+                     int64_t m0, __m512* acc) {
+  const int64_t nb = ts.nb;
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const __m128i low = _mm_set1_epi8(0x0F);
-  for (int64_t b = 0; b < w.nb; ++b) {
-    __m512 w0, w1;
-    if (w.int4) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
-      w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low)));
-      w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low)));
+  const __m512i low = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
+  for (int64_t b = 0; b < nb; ++b) {
+    if (ts.ahead) prefetch_ahead(ts, b);
+    __m512i wv[8];  // as in tile_rows: wv[j] lane r holds weights 4j .. 4j + 3 of row r
+    if (INT4) {
+      transpose_16(rows, b * 16, wv);
+      for (int j = 0; j < 4; ++j) {
+        wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(wv[j], 4), low);
+        wv[j] = _mm512_and_si512(wv[j], low);
+      }
     } else {
-      const int8_t* qb = reinterpret_cast<const int8_t*>(row) + b * BLOCK;
-      w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb))));
-      w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + 16))));
+      transpose_16(rows, b * BLOCK, wv);
+      transpose_16(rows, b * BLOCK + 16, wv + 4);
     }
-    const __m512 s = _mm512_set1_ps(static_cast<float>(sc[b]));
-    const __m512 f = _mm512_set1_ps(off ? static_cast<float>(off[b]) : 0.f);
+    __m512 sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_ps();
+    for (int j = 0; j < 8; ++j) {
+      for (int e = 0; e < 4; ++e) {
+        const __m512i v = INT4 ? _mm512_and_si512(_mm512_srli_epi32(wv[j], 8 * e), byte)
+                               : _mm512_srai_epi32(_mm512_slli_epi32(wv[j], 24 - 8 * e), 24);
+        const __m512 wf = _mm512_cvtepi32_ps(v);
+        for (int r = 0; r < R; ++r)
+          sum[r] = _mm512_fmadd_ps(wf, _mm512_set1_ps(x[(m0 + r) * in + b * BLOCK + 4 * j + e]), sum[r]);
+      }
+    }
+    const at::Half* sb = ts.scales + b * (INT4 ? 2 : 1) * OUT_TILE;
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
+    const __m512 f = INT4 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + OUT_TILE)))
+                          : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) {
-      const float* xr = x + r * stride + b * BLOCK;
-      const __m512 x0 = _mm512_loadu_ps(xr), x1 = _mm512_loadu_ps(xr + 16);
-      const __m512 qx = _mm512_fmadd_ps(w1, x1, _mm512_mul_ps(w0, x0));
-      acc[r] = _mm512_fmadd_ps(qx, s, acc[r]);
-      if (off) acc[r] = _mm512_fmadd_ps(_mm512_add_ps(x0, x1), f, acc[r]);
+      acc[r] = _mm512_fmadd_ps(sum[r], s, acc[r]);
+      if (INT4) acc[r] = _mm512_fmadd_ps(f, _mm512_set1_ps(xsum[(m0 + r) * nb + b]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) dots[r] = _mm512_reduce_add_ps(acc[r]);
-#else
-  for (int r = 0; r < R; ++r) dots[r] = dot_float_row(w, o, x + r * stride);
-#endif
 }
 
-// one row at a time, for the paths without a blocked version
-inline float dot_float_row(const QWeight& w, int64_t o, const float* x) {
-  const uint8_t* row = w.q + o * w.row_bytes;
-  const at::Half* sc = w.scale + o * w.nb;
-  const at::Half* off = w.offset ? w.offset + o * w.nb : nullptr;
-#if defined(PL_AVX512)
-  float d;
-  dot_float_rows<1>(w, o, x, 0, &d);
-  return d;
 #elif defined(PL_AVX2)
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < w.nb; ++b) {
-    __m256 qx = _mm256_setzero_ps(), sx = _mm256_setzero_ps();
-    for (int64_t k = 0; k < 4; ++k) {  // four groups of 8 weights: 0-7, 8-15 (low), 16-23, 24-31 (high)
-      __m256 wk;
-      if (w.int4) {
-        const uint8_t* bytes = row + b * 16 + (k % 2) * 8;
-        __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
-        v = k < 2 ? _mm_and_si128(v, _mm_set1_epi8(0x0F)) : _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
-        wk = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-      } else {
-        const int8_t* qb = reinterpret_cast<const int8_t*>(row) + b * BLOCK + k * 8;
-        wk = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb))));
+
+template <int R, bool INT4>
+void float_tile_rows(const uint8_t* const* rows, const Tile& ts, const float* x, const float* xsum, int64_t in,
+                     int64_t m0, __m256* acc) {
+  const int64_t nb = ts.nb;
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F), byte = _mm256_set1_epi32(0xFF);
+  for (int64_t b = 0; b < nb; ++b) {
+    if (ts.ahead) prefetch_ahead(ts, b);
+    __m256i wv[8];
+    if (INT4) {
+      transpose_8(rows, b * 16, wv);
+      for (int j = 0; j < 4; ++j) {
+        wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(wv[j], 4), low);
+        wv[j] = _mm256_and_si256(wv[j], low);
       }
-      const __m256 xk = _mm256_loadu_ps(x + b * BLOCK + k * 8);
-      qx = _mm256_add_ps(qx, _mm256_mul_ps(wk, xk));
-      sx = _mm256_add_ps(sx, xk);
+    } else {
+      transpose_8(rows, b * BLOCK, wv);
+      transpose_8(rows, b * BLOCK + 16, wv + 4);
     }
-    acc = _mm256_add_ps(acc, _mm256_mul_ps(qx, _mm256_set1_ps(static_cast<float>(sc[b]))));
-    if (off) acc = _mm256_add_ps(acc, _mm256_mul_ps(sx, _mm256_set1_ps(static_cast<float>(off[b]))));
+    __m256 sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_ps();
+    for (int j = 0; j < 8; ++j) {
+      for (int e = 0; e < 4; ++e) {
+        const __m256i v = INT4 ? _mm256_and_si256(_mm256_srli_epi32(wv[j], 8 * e), byte)
+                               : _mm256_srai_epi32(_mm256_slli_epi32(wv[j], 24 - 8 * e), 24);
+        const __m256 wf = _mm256_cvtepi32_ps(v);
+        for (int r = 0; r < R; ++r)
+          sum[r] = _mm256_fmadd_ps(wf, _mm256_set1_ps(x[(m0 + r) * in + b * BLOCK + 4 * j + e]), sum[r]);
+      }
+    }
+    const at::Half* sb = ts.scales + b * (INT4 ? 2 : 1) * OUT_TILE;
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb)));
+    const __m256 f = INT4 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + OUT_TILE)))
+                          : _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm256_fmadd_ps(sum[r], s, acc[r]);
+      if (INT4) acc[r] = _mm256_fmadd_ps(f, _mm256_set1_ps(xsum[(m0 + r) * nb + b]), acc[r]);
+    }
   }
-  return hsum256(acc);
+}
+
 #else
-  float acc = 0.f;
-  for (int64_t b = 0; b < w.nb; ++b) {
-    float qx = 0.f, sx = 0.f;
-    for (int64_t i = 0; i < BLOCK; ++i) {
-      const int v = w.int4 ? (i < 16 ? row[b * 16 + i] & 0x0F : row[b * 16 + i - 16] >> 4)
-                           : reinterpret_cast<const int8_t*>(row)[b * BLOCK + i];
-      qx += static_cast<float>(v) * x[b * BLOCK + i];
-      sx += x[b * BLOCK + i];
+
+template <int R, bool INT4>
+void float_tile_rows(const uint8_t* const* rows, const Tile& ts, const float* x, const float* xsum, int64_t in,
+                     int64_t m0, Acc* acc) {
+  const int64_t nb = ts.nb;
+  const uint8_t* wq = rows[0];
+  for (int r = 0; r < R; ++r) acc[r].v = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const at::Half* sb = ts.scales + b * (INT4 ? 2 : 1);
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x + (m0 + r) * in + b * BLOCK;
+      float sum = 0.f;
+      for (int i = 0; i < BLOCK; ++i) {  // in the order the vector paths use: weight 4j + e
+        const int v = INT4 ? (i < 16 ? wq[b * 16 + i] & 15 : wq[b * 16 + i - 16] >> 4)
+                           : reinterpret_cast<const int8_t*>(wq)[b * BLOCK + i];
+        sum = std::fma(static_cast<float>(v), xb[i], sum);
+      }
+      acc[r].v = std::fma(sum, static_cast<float>(sb[0]), acc[r].v);
+      if (INT4) acc[r].v = std::fma(static_cast<float>(sb[1]), xsum[(m0 + r) * nb + b], acc[r].v);
     }
-    acc += qx * static_cast<float>(sc[b]);
-    if (off) acc += sx * static_cast<float>(off[b]);
   }
-  return acc;
+}
+
 #endif
+
+template <bool INT4>
+void float_tile_product(const uint8_t* const* rows, const Tile& ts, const float* x, const float* xsum, int64_t in,
+                        int64_t m0, int64_t count, int64_t lanes, const float* bias, float* y, int64_t stride) {
+  Acc acc[FLOAT_ROW_TILE];
+#define PL_TILE_CASE(R)                                           \
+  case R:                                                         \
+    float_tile_rows<R, INT4>(rows, ts, x, xsum, in, m0, acc);     \
+    store_rows<R>(acc, lanes, bias, y, stride);                   \
+    break;
+  switch (count) {
+    PL_TILE_CASE(1) PL_TILE_CASE(2) PL_TILE_CASE(3)
+    default: PL_TILE_CASE(4)
+  }
+#undef PL_TILE_CASE
 }
 
 at::Tensor linear_float(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-                        const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias) {
+                        const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& tiles) {
   const QWeight w = view_weight(q, scale, offset, "linear_float");
   check_rows(x, w.in, "linear_float: x");
-  const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, w.out}, x.options());
+  at::Tensor made;
+  const at::Half* tiled = tiles_ptr(tiles, scale, offset, w, made, "linear_float");
+  const int64_t M = x.size(0), out = w.out, nb = w.nb, in = w.in;
+  const int64_t n_tiles = (out + OUT_TILE - 1) / OUT_TILE, P = (w.int4 ? 2 : 1) * OUT_TILE;
+  at::Tensor y = at::empty({M, out}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* bp = bias_ptr(bias, w.out);
+  const float* bp = bias_ptr(bias, out);
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, w.out, 64, [&](int64_t o0, int64_t o1) {
-    float dots[ROW_TILE];
-    for (int64_t o = o0; o < o1; ++o)
-      for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
-        const int64_t rows = std::min(ROW_TILE, M - m0);
-        const float* xm = xp + m0 * w.in;
-        switch (rows) {
-          case 1: dot_float_rows<1>(w, o, xm, w.in, dots); break;
-          case 2: dot_float_rows<2>(w, o, xm, w.in, dots); break;
-          case 3: dot_float_rows<3>(w, o, xm, w.in, dots); break;
-          default: dot_float_rows<4>(w, o, xm, w.in, dots); break;
-        }
-        for (int64_t r = 0; r < rows; ++r) yp[(m0 + r) * w.out + o] = bp ? dots[r] + bp[o] : dots[r];
+  std::vector<float> xsum(w.int4 ? M * nb : 0);  // Σ x per block, for the offset term
+  for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i) {
+    float total = 0.f;
+    for (int64_t k = 0; k < BLOCK; ++k) total += xp[i * BLOCK + k];
+    xsum[i] = total;
+  }
+  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> zeros;
+    const uint8_t* rows[OUT_TILE];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t o0 = t * OUT_TILE, lanes = std::min(OUT_TILE, out - o0);
+      if (lanes < OUT_TILE && zeros.empty()) zeros.assign(w.row_bytes, 0);
+      for (int64_t r = 0; r < OUT_TILE; ++r) rows[r] = r < lanes ? w.q + (o0 + r) * w.row_bytes : zeros.data();
+      Tile ts{tiled + t * nb * P, nb};
+      if (t + AHEAD_TILES < t1) {
+        const int64_t first = (t + AHEAD_TILES) * OUT_TILE, count = std::min(OUT_TILE, out - first);
+        ts.ahead = reinterpret_cast<const char*>(w.q + first * w.row_bytes);
+        ts.ahead_per_block = (count * w.row_bytes + nb * 64 - 1) / (nb * 64) * 64;
+        ts.ahead_scales = reinterpret_cast<const char*>(tiled + (t + AHEAD_TILES) * nb * P);
+        ts.ahead_scales_per_block = (P * 2 + 63) / 64 * 64;
       }
+      for (int64_t m0 = 0; m0 < M; m0 += FLOAT_ROW_TILE) {
+        const int64_t count = std::min(FLOAT_ROW_TILE, M - m0);
+        const float* b0 = bp ? bp + o0 : nullptr;
+        if (m0 > 0) ts.ahead = ts.ahead_scales = nullptr, ts.ahead_per_block = ts.ahead_scales_per_block = 0;
+        if (w.int4) float_tile_product<true>(rows, ts, xp, xsum.data(), in, m0, count, lanes, b0, yp + m0 * out + o0, out);
+        else float_tile_product<false>(rows, ts, xp, xsum.data(), in, m0, count, lanes, b0, yp + m0 * out + o0, out);
+      }
+    }
   });
   return y;
 }
@@ -572,7 +780,14 @@ inline void swiglu(float* g, const float* u, int64_t n) {
   for (; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
-inline void to_f32(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+inline void to_f32(const at::Half* src, float* dst, int64_t n);
+
+// A cache row as float32: a float32 row is read in place, a float16 one converted into buf.
+inline const float* as_f32(const float* src, float*, int64_t) { return src; }
+inline const float* as_f32(const at::Half* src, float* buf, int64_t n) {
+  to_f32(src, buf, n);
+  return buf;
+}
 inline void to_f32(const at::Half* src, float* dst, int64_t n) {
   int64_t i = 0;
 #if defined(PL_AVX512) || defined(PL_AVX2)
@@ -624,8 +839,8 @@ void attend_chunk(const float* q, const Cache& kc, const Cache& vc, const bool* 
       for (int64_t g = 0; g < G; ++g) scores[g * len + j] = -std::numeric_limits<float>::infinity();
       continue;
     }
-    to_f32(cache_row<T>(kc, b, kh, t0 + j), row.data(), D);
-    for (int64_t g = 0; g < G; ++g) scores[g * len + j] = dot_f32(q + g * D, row.data(), D) * scale;
+    const float* key = as_f32(cache_row<T>(kc, b, kh, t0 + j), row.data(), D);
+    for (int64_t g = 0; g < G; ++g) scores[g * len + j] = dot_f32(q + g * D, key, D) * scale;
   }
   std::fill(o_out, o_out + G * D, 0.f);
   for (int64_t g = 0; g < G; ++g) {
@@ -636,8 +851,8 @@ void attend_chunk(const float* q, const Cache& kc, const Cache& vc, const bool* 
   }
   for (int64_t j = 0; j < len; ++j) {
     if (mask && !mask[t0 + j]) continue;
-    to_f32(cache_row<T>(vc, b, kh, t0 + j), row.data(), D);
-    for (int64_t g = 0; g < G; ++g) axpy(scores[g * len + j], row.data(), o_out + g * D, D);
+    const float* value = as_f32(cache_row<T>(vc, b, kh, t0 + j), row.data(), D);
+    for (int64_t g = 0; g < G; ++g) axpy(scores[g * len + j], value, o_out + g * D, D);
   }
 }
 
@@ -692,9 +907,17 @@ void attention(const float* qkv, const Cache& kc, const Cache& vc, const bool* m
 // ---------------------------------------------------------------------------------------------
 // One decoder layer for one new token per row (see fallback.decode_layer for the math)
 
-using QW = std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>>;
+// (q, scale, offset, tiles): tiles from tile_scales, or None to make them for this call
+using QW = std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
-QWeight view(const QW& w, const char* what) { return view_weight(std::get<0>(w), std::get<1>(w), std::get<2>(w), what); }
+struct LayerWeight {
+  QWeight w;
+  at::Tensor made;
+  const at::Half* tiles;
+  LayerWeight(const QW& t, const char* what) : w(view_weight(std::get<0>(t), std::get<1>(t), std::get<2>(t), what)) {
+    tiles = tiles_ptr(std::get<3>(t), std::get<1>(t), std::get<2>(t), w, made, what);
+  }
+};
 
 at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, const QW& qkv_w, const QW& o_w,
                         const at::Tensor& norm2, const QW& gate_up_w, const QW& down_w, double eps,
@@ -711,8 +934,9 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, const Q
   for (const at::Tensor* norm : {&norm1, &norm2})
     TORCH_CHECK(norm->scalar_type() == at::kFloat && norm->is_contiguous() && norm->numel() == C,
                 "decode_layer: norm weights must be contiguous float32 (C,)");
-  const QWeight wqkv = view(qkv_w, "decode_layer qkv"), wo = view(o_w, "decode_layer o"),
-                wgu = view(gate_up_w, "decode_layer gate_up"), wd = view(down_w, "decode_layer down");
+  const LayerWeight lqkv(qkv_w, "decode_layer qkv"), lo(o_w, "decode_layer o"),
+      lgu(gate_up_w, "decode_layer gate_up"), ld(down_w, "decode_layer down");
+  const QWeight &wqkv = lqkv.w, &wo = lo.w, &wgu = lgu.w, &wd = ld.w;
   const int64_t width = (H + 2 * K) * D, I = wgu.out / 2;
   TORCH_CHECK(wqkv.in == C && wqkv.out == width, "decode_layer: qkv weight must be (", width, ", ", C, ")");
   TORCH_CHECK(wo.in == H * D && wo.out == C, "decode_layer: o weight must be (", C, ", ", H * D, ")");
@@ -737,7 +961,7 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, const Q
   QActs scratch;
 
   rms_norm(xp, norm1.data_ptr<float>(), static_cast<float>(eps), B, C, h.data());
-  linear_raw(h.data(), B, wqkv, nullptr, t.data(), scratch);
+  linear_raw(h.data(), B, wqkv, lqkv.tiles, nullptr, t.data(), scratch);
   // RoPE on the H query and K key heads: out[j] = t[j]·cos[j] + t[(j + D/2) % D]·sin[j]
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
@@ -754,17 +978,17 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, const Q
     }
   }
   attention(t.data(), kc, vc, mask, mask_stride, B, H, K, D, n, attn.data());
-  linear_raw(attn.data(), B, wo, nullptr, proj.data(), scratch);
+  linear_raw(attn.data(), B, wo, lo.tiles, nullptr, proj.data(), scratch);
   for (int64_t i = 0; i < B * C; ++i) xp[i] += proj[i];
 
   rms_norm(xp, norm2.data_ptr<float>(), static_cast<float>(eps), B, C, h.data());
-  linear_raw(h.data(), B, wgu, nullptr, gu.data(), scratch);
+  linear_raw(h.data(), B, wgu, lgu.tiles, nullptr, gu.data(), scratch);
   for (int64_t b = 0; b < B; ++b) {
     float* g = gu.data() + b * 2 * I;
     swiglu(g, g + I, I);
     std::copy(g, g + I, act.data() + b * I);
   }
-  linear_raw(act.data(), B, wd, nullptr, proj.data(), scratch);
+  linear_raw(act.data(), B, wd, ld.tiles, nullptr, proj.data(), scratch);
   for (int64_t i = 0; i < B * C; ++i) xp[i] += proj[i];
   return x;
 }
@@ -785,9 +1009,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pocketlm CPU kernels for int4/int8 blocked weights";
   m.attr("path") = kernel_path();
   m.def("linear", &linear, "blocked quantized linear", py::arg("x"), py::arg("q"), py::arg("scale"),
-        py::arg("offset") = py::none(), py::arg("bias") = py::none());
+        py::arg("offset") = py::none(), py::arg("bias") = py::none(), py::arg("tiles") = py::none());
+  m.def("tile_scales", &tile_scales, "scales (and offsets) regrouped by output tile for linear",
+        py::arg("scale"), py::arg("offset") = py::none());
   m.def("linear_float", &linear_float, "blocked weights times float32 activations (the output head)",
-        py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("offset") = py::none(), py::arg("bias") = py::none());
+        py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("offset") = py::none(), py::arg("bias") = py::none(),
+        py::arg("tiles") = py::none());
   m.def("dequantize", &dequantize, "weight (out, in) in float32", py::arg("q"), py::arg("scale"),
         py::arg("offset") = py::none());
   m.def("decode_layer", &decode_layer, "one decoder layer for one new token per row");
