@@ -602,6 +602,9 @@ def check_memory(model: Transformer, prompts: int, per_prompt: int, length: int,
 
 # --- the engine ------------------------------------------------------------------------------------
 
+PREFILL_CHUNK = 256  # prompt positions per forward call while prefilling
+
+
 @dataclass
 class Plan:
     """One request laid out for the model: every row's prompt tokens (each prompt repeated once
@@ -632,8 +635,13 @@ class Forward:
         self.padded = bool((self.mask == 0).any())
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.cache = model.new_cache(B, plan.cache_len)
-        self.logits = model(self.history[:, :T], attention_mask=self.mask if self.padded else None, cache=self.cache,
-                            position_ids=self.positions, logits_to_keep=1).logits[:, -1]
+        # a long prompt goes in PREFILL_CHUNK positions at a time: its activations (and the
+        # attention scores of each chunk) stay small, so the memory it takes does not grow with it
+        for start in range(0, T, PREFILL_CHUNK):
+            end = min(T, start + PREFILL_CHUNK)
+            out = model(self.history[:, start:end], attention_mask=self.mask[:, :end] if self.padded else None,
+                        cache=self.cache, position_ids=self.positions[:, start:end], logits_to_keep=1)
+        self.logits = out.logits[:, -1]
         self.fast_step = None
         if compiled_step is None:
             self.fast_step = QuantizedDecodeStep.for_model(model) or DecodeStep.for_model(model)

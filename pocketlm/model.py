@@ -109,13 +109,14 @@ class KVCache:
         and no Python number that changes, which is what torch.compile needs."""
         keys, values = self.keys[layer], self.values[layer]
         if slots is not None:
-            keys.index_copy_(2, slots, k)
-            values.index_copy_(2, slots, v)
-            return keys, values
+            keys.index_copy_(2, slots, k.to(keys.dtype))
+            values.index_copy_(2, slots, v.to(values.dtype))
+            return keys.to(k.dtype), values.to(v.dtype)
         end = self.length + k.shape[2]
         keys[:, :, self.length:end] = k
         values[:, :, self.length:end] = v
-        return keys[:, :, :end], values[:, :, :end]  # (B, K, S, D)
+        # a cache kept in a narrower dtype (a quantized model's float16 cache) is read in k's
+        return keys[:, :, :end].to(k.dtype), values[:, :, :end].to(v.dtype)  # (B, K, S, D)
 
 
 class RMSNorm(nn.Module):
@@ -395,8 +396,23 @@ class Transformer(nn.Module):
                 new[kept:].normal_(0.0, self.config.initializer_range)
         return nn.Parameter(new, requires_grad=weight.requires_grad)
 
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The dtype of the KV caches this model makes. A model of quantized blocks on CPU keeps
+        them in float16 by default (half the memory; its kernels read float16 caches) and may be
+        set to torch.float32; any other model keeps its own dtype."""
+        if not (isinstance(self.model.embed_tokens, QuantizedEmbedding) and self.device.type == "cpu"):
+            return self.dtype
+        return self.__dict__.get("_kv_cache_dtype", torch.float16)
+
+    @kv_cache_dtype.setter
+    def kv_cache_dtype(self, dtype: torch.dtype) -> None:
+        if dtype not in (torch.float16, torch.float32):
+            raise ConfigError(f"kv_cache_dtype must be torch.float16 or torch.float32, not {dtype}")
+        self.__dict__["_kv_cache_dtype"] = dtype
+
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        return KVCache(self.config, batch_size, max_length, device=self.device, dtype=self.dtype)
+        return KVCache(self.config, batch_size, max_length, device=self.device, dtype=self.kv_cache_dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -483,7 +499,7 @@ class Transformer(nn.Module):
             cache = past_key_values
         if cache is None:
             if use_cache or (use_cache is None and self.config.use_cache):
-                return KVCache(self.config, B, T, device=self.device, dtype=self.dtype, growable=True)
+                return KVCache(self.config, B, T, device=self.device, dtype=self.kv_cache_dtype, growable=True)
             return None
         if not isinstance(cache, KVCache):
             raise ConfigError(f"past_key_values must be the cache an earlier call of this model returned "

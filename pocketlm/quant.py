@@ -24,8 +24,8 @@ from pocketlm.errors import FormatError
 
 BLOCK = 32
 BITS = (4, 8)
-# Up to this many rows a product runs in the block kernels (batch-invariant, int8 activations);
-# beyond it, a dequantized weight feeds one float GEMM (bench/real_model.py measures both)
+# Up to this many rows (decoding; batches up to 16) a layer's activations are quantized to its
+# activation_bits (int8: the fastest products); beyond it (a prompt) to int16, as the head's
 KERNEL_ROWS = 16
 # config.json's quantization_config.quant_method for checkpoints of these blocks
 QUANT_METHOD = "pocketlm"
@@ -52,8 +52,9 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scale", torch.zeros(out_features, blocks, dtype=torch.float16))
         self.register_buffer("offset", torch.zeros(out_features, blocks, dtype=torch.float16) if bits == 4 else None)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        # the output head keeps its input in float32 (see kernels.linear_float)
-        self.float_activations = False
+        # how finely the kernels quantize this layer's input while decoding: 8 bits, or 16 for the
+        # output head, whose logits pick every token (see kernels.linear16)
+        self.activation_bits = 8
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
@@ -94,25 +95,25 @@ class QuantizedLinear(nn.Module):
         return self.q, self.scale, self.offset, cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """A few rows (decoding, small batches) go through the block kernels, activations
-        quantized to int8 per block; more rows (a prefill) multiply the dequantized weight in one
-        float GEMM, where the arithmetic outweighs reading the weight."""
-        from pocketlm import kernels
-
+        """On CPU in float32, through the block kernels: a few rows (decoding, small batches) with
+        activations quantized to activation_bits per block, more rows (a prompt, `eval`) to int16,
+        as finely as the head (no dequantized copy of the weight, and prompts keep their answers).
+        Elsewhere the weight is dequantized to x's dtype."""
         rows = x.numel() // self.in_features
-        if x.device.type == "cpu" and x.dtype == torch.float32 and rows <= KERNEL_ROWS:
-            return self.kernel(x.reshape(rows, self.in_features)).view(*x.shape[:-1], self.out_features)
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            bits = self.activation_bits if rows <= KERNEL_ROWS else 16
+            return self.kernel(x.reshape(rows, self.in_features), bits).view(*x.shape[:-1], self.out_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if x.device.type == "cpu":
-            return F.linear(x, kernels.dequantize(*self.blocks()).to(x.dtype), bias)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
-    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel(self, x: torch.Tensor, activation_bits: int | None = None) -> torch.Tensor:
         """x (rows, in) float32 on CPU through the block kernels, any number of rows, each row
-        computed on its own (the same bits whatever the batch)."""
+        computed on its own (the same bits whatever the batch); activations quantized to
+        activation_bits (default: the layer's own)."""
         from pocketlm import kernels
 
-        product = kernels.linear_float if self.float_activations else kernels.linear
+        bits = activation_bits or self.activation_bits
+        product = kernels.linear16 if bits == 16 else kernels.linear
         q, scale, offset, tiles = self.kernel_blocks()
         return product(x, q, scale, offset, self.bias, tiles)
 
@@ -145,7 +146,7 @@ class QuantizedEmbedding(QuantizedLinear):
         with torch.device("meta"):  # the buffers are replaced at once: allocate nothing
             head = QuantizedLinear(self.embedding_dim, self.num_embeddings, self.bits)
         head.shares(self)
-        head.float_activations = True
+        head.activation_bits = 16
         return head
 
 
@@ -195,7 +196,7 @@ def replace_modules(model: nn.Module, bits_of: dict[str, int]) -> None:
             raise FormatError(f"{name} is a {type(module).__name__}, which pocketlm does not quantize")
         parent, _, leaf = name.rpartition(".")
         layer = empty_like(module, bits)
-        layer.float_activations = name == "lm_head"  # see kernels.linear_float
+        layer.activation_bits = 16 if name == "lm_head" else 8  # see QuantizedLinear.__init__
         setattr(model.get_submodule(parent) if parent else model, leaf, layer)
 
 

@@ -70,6 +70,28 @@ def test_batched_prompts_of_different_lengths_match_each_alone(llama, tokenizer)
     assert all(c.finish_reason == "length" and len(c.token_ids) == 12 for c in together)
 
 
+def test_a_long_prompt_prefilled_in_chunks_continues_as_one_call(llama, monkeypatch):
+    """Prompts longer than PREFILL_CHUNK go in pieces (bounded memory); the cache and the next
+    tokens are what one forward over the whole prompt gives, padded rows included."""
+    import pocketlm.generate as generate_module
+
+    ids = torch.randint(1, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, :6], mask[1, :6] = 0, 0  # the second prompt is 5 tokens, left-padded
+
+    def run():
+        with torch.no_grad():
+            return llama.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+
+    whole = run()
+    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 3)  # 4 pieces, some all padding in row 2
+    pieces = run()
+    assert torch.equal(pieces.sequences, whole.sequences)
+    for a, b in zip(pieces.scores, whole.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["gpt2-untied", "llama-gqa-tied"])
 def test_hf_style_left_padded_batch_matches_transformers(name, tmp_path):
     config = ModelConfig(**TINY[name])

@@ -11,6 +11,7 @@ import torch
 from conftest import TINY, randomize
 from pocketlm import ModelConfig, kernels
 from pocketlm.api import CausalLM
+from pocketlm.errors import ConfigError
 from pocketlm.generate import Generator
 from pocketlm.packing import QuantizedDecodeStep
 from pocketlm.quant import quantize_model
@@ -98,10 +99,18 @@ def test_generation_through_the_fallback_matches_the_compiled_kernels(model):
 
 
 @torch.no_grad()
-def test_a_float16_cache_stays_close_to_float32(model):
+def test_a_float16_cache_is_the_default_and_stays_close_to_float32(model):
     step = QuantizedDecodeStep.for_model(model)
-    full, half = _prefilled(model, 2, 5), _prefilled(model, 2, 5)
-    half.keys, half.values = [k.half() for k in half.keys], [v.half() for v in half.values]
+    assert model.kv_cache_dtype == torch.float16  # a quantized model on CPU, as llama.cpp's default
+    half = _prefilled(model, 2, 5)
+    model.kv_cache_dtype = torch.float32
+    try:
+        full = _prefilled(model, 2, 5)  # prefilled through the model's forward into a float32 cache
+    finally:
+        model.kv_cache_dtype = torch.float16
+    assert full.keys[0].dtype == torch.float32 and half.values[0].dtype == torch.float16
+    with pytest.raises(ConfigError, match="kv_cache_dtype"):
+        model.kv_cache_dtype = torch.bfloat16
     tokens = torch.tensor([3, 4])
     for i in range(3):
         a = step(tokens, torch.full((2,), 5 + i), full)
@@ -115,6 +124,7 @@ def test_the_step_applies_only_where_it_can():
     m = randomize(CausalLM.from_config(ModelConfig(**CONFIG))).eval()
     with torch.no_grad():
         assert QuantizedDecodeStep.for_model(m) is None  # float weights: the packed float step runs
+        assert m.kv_cache_dtype == torch.float32  # a float model's caches keep its dtype
         quantize_model(m, 8)
         assert QuantizedDecodeStep.for_model(m) is not None
     assert QuantizedDecodeStep.for_model(m) is None  # grad on

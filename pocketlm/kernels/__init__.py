@@ -1,13 +1,13 @@
 """CPU kernels for quantized inference: a blocked int4/int8 linear (activations quantized to int8
-per 32-block, AVX512-VNNI / AVX2 / scalar dot products), one whole Llama decoder layer per call for
-decoding, and a fast dequantize for prefill's GEMMs. They are compiled from quant_kernels.cpp for
+per 32-block for decoding, to int16 for the head and prefill; AVX512-VNNI / AVX2 / scalar dot
+products), one whole Llama decoder layer per call for decoding, and a fast dequantize. They are compiled from quant_kernels.cpp for
 this machine's CPU on first use (torch.utils.cpp_extension, cached by CPU features + source hash);
 without a compiler, or with POCKETLM_KERNELS=off, the same math runs in plain PyTorch
 (fallback.py). All take plain tensors; the weight layout is the one documented in pocketlm/quant.py.
 
     linear(x, q, scale, offset=None, bias=None, tiles=None)   x (M, in) → (M, out)
     tile_scales(scale, offset=None)                        the scales regrouped for linear (or None)
-    linear_float(x, q, scale, offset=None, bias=None, tiles=None)   the same, float32 activations (the head)
+    linear16(x, q, scale, offset=None, bias=None, tiles=None)   the same, int16 activations (head, prefill)
     decode_layer(x, norm1, qkv, o, norm2, gate_up, down, eps, cos, sin, k_cache, v_cache, n,
                  n_head, n_kv_head, key_mask=None)         x (B, C) → (B, C); caches written at n
     dequantize(q, scale, offset=None)                      → (out, in) float32
@@ -85,13 +85,14 @@ def tile_scales(scale, offset=None):
     return None if module is None else module.tile_scales(scale, offset)
 
 
-def linear_float(x, q, scale, offset=None, bias=None, tiles=None):
-    """x (M, in) float32 times the blocked weight with the activations kept in float32 (no int8
-    rounding: the output head, whose logits should move smoothly with the hidden state)."""
+def linear16(x, q, scale, offset=None, bias=None, tiles=None):
+    """As linear, with the activations quantized to int16 per block (258× finer steps than int8):
+    for the output head, whose logits pick every token, and for long inputs (prefill), whose keys
+    and values every later token reads."""
     module = compiled()
     if module is None:
-        return fallback.linear_float(x, q, scale, offset, bias)
-    return module.linear_float(x.contiguous(), q, scale, offset, _float_bias(bias), tiles)
+        return fallback.linear16(x, q, scale, offset, bias)
+    return module.linear16(x.contiguous(), q, scale, offset, _float_bias(bias), tiles)
 
 
 def _float_bias(bias):

@@ -19,26 +19,20 @@ def _int_weights(q: torch.Tensor) -> torch.Tensor:
     return torch.cat((packed & 0x0F, packed >> 4), dim=-1).float()
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, in) float32 → (qx (M, blocks, 32) integers held in float32, sx (M, blocks))."""
+def quantize_activations(x: torch.Tensor, top: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, in) float32 → (qx (M, blocks, 32) integers held in float32, sx (M, blocks)): int8
+    steps (top 127) or int16 steps (top 32767)."""
     xb = x.reshape(x.shape[0], -1, BLOCK)
     amax = xb.abs().amax(-1)
     # a tensor-by-tensor division: `127 / amax` would multiply by a reciprocal and round differently
-    inv = torch.where(amax > 0, amax.new_full((), 127.0) / amax, 0.0)
-    return (xb * inv[..., None]).round(), amax / amax.new_full((), 127.0)
+    inv = torch.where(amax > 0, amax.new_full((), float(top)) / amax, 0.0)
+    return (xb * inv[..., None]).round(), amax / amax.new_full((), float(top))
 
 
 def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """y[m, o] = Σ_b scale[o, b]·sx[m, b]·Σ qw·qx + offset[o, b]·sx[m, b]·Σ qx  (+ bias[o])."""
-    qx, sx = quantize_activations(x.float())
-    isum = torch.bmm(qx.transpose(0, 1), _int_weights(q).permute(1, 2, 0))  # (blocks, M, out)
-    sx_t = sx.t()[:, :, None]
-    y = scale.float().t()[:, None, :] * sx_t * isum
-    if offset is not None:
-        y = y + offset.float().t()[:, None, :] * sx_t * qx.sum(-1).t()[:, :, None]
-    y = y.sum(0)
-    return y if bias is None else y + bias.float()
+    return _blocked_product(x, q, scale, offset, bias, 127)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,7 +71,27 @@ def decode_layer(x, norm1, qkv, o, norm2, gate_up, down, eps, cos, sin, k_cache,
     return x + linear(torch.nn.functional.silu(gate) * up, *down)
 
 
-def linear_float(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, in) float32 times the dequantized weight, activations left in float32 (the head)."""
-    return torch.nn.functional.linear(x.float(), dequantize(q, scale, offset), None if bias is None else bias.float())
+def linear16(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As linear with the activations quantized to int16 per block (amax / 32767 steps)."""
+    return _blocked_product(x, q, scale, offset, bias, 32767)
+
+
+def _blocked_product(x, q, scale, offset, bias, top):
+    """The block products exactly: int8 sums stay below 2^24 (exact in float32), int16 ones reach
+    2^27 and are taken in float64, a slice of output rows at a time (a head's whole weight in
+    float64 would be large)."""
+    qx, sx = quantize_activations(x.float(), top)
+    exact = torch.float32 if top <= 127 else torch.float64
+    qx_t = qx.to(exact).transpose(0, 1)  # (blocks, M, 32)
+    sx_t = sx.t()[:, :, None]
+    parts = []
+    for start in range(0, q.shape[0], 4096):
+        rows = slice(start, start + 4096)
+        isum = torch.bmm(qx_t, _int_weights(q[rows]).to(exact).permute(1, 2, 0)).float()  # (blocks, M, out)
+        y = scale[rows].float().t()[:, None, :] * sx_t * isum
+        if offset is not None:
+            y = y + offset[rows].float().t()[:, None, :] * sx_t * qx.sum(-1).t()[:, :, None]
+        parts.append(y.sum(0))
+    y = torch.cat(parts, dim=1)
+    return y if bias is None else y + bias.float()

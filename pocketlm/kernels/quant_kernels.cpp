@@ -1,6 +1,6 @@
 // pocketlm's CPU kernels for quantized inference: a blocked int4/int8 linear with activations
-// quantized to int8 per 32-block, a whole Llama decoder layer for one new token per row, and a
-// threaded dequantize. The math each function computes is defined by the pure-PyTorch versions in
+// quantized per 32-block to int8 (decoding) or int16 (the output head, long inputs), a whole Llama
+// decoder layer for one new token per row, and a threaded dequantize. The math each function computes is defined by the pure-PyTorch versions in
 // fallback.py; this file only makes it fast. Instruction sets are chosen at compile time from the
 // predefined macros (the build passes -march=native), so dispatch happens once, at build time.
 //
@@ -159,7 +159,7 @@ inline void prefetch_ahead(const Tile& ts, int64_t b) {
 #endif
 }
 
-inline int32_t load_u32(const int8_t* p) {
+inline int32_t load_u32(const void* p) {  // 4 activation bytes (or 2 int16) as one broadcastable word
   int32_t v;
   std::memcpy(&v, p, sizeof v);
   return v;
@@ -354,13 +354,22 @@ void store_rows(const Acc* acc, int64_t, const float* bias, float* y, int64_t st
 
 #endif
 
-template <bool INT4>
-void tile_product(const uint8_t* const* rows, const Tile& ts, const QActs& a, int64_t m0, int64_t count,
+struct Int8Rows {
+  const QActs& a;
+  template <int R, bool INT4>
+  void run(const uint8_t* const* rows, const Tile& ts, int64_t m0, Acc* acc) const {
+    tile_rows<R, INT4>(rows, ts, a, m0, acc);
+  }
+};
+
+// `count` activation rows from m0 (1 .. ROW_TILE) of one tile through kernel.run<R, INT4>, stored
+template <bool INT4, class Kernel>
+void tile_product(const Kernel& kernel, const uint8_t* const* rows, const Tile& ts, int64_t m0, int64_t count,
                   int64_t lanes, const float* bias, float* y, int64_t stride) {
   Acc acc[ROW_TILE];
 #define PL_TILE_CASE(R)                                      \
   case R:                                                    \
-    tile_rows<R, INT4>(rows, ts, a, m0, acc);                \
+    kernel.template run<R, INT4>(rows, ts, m0, acc);         \
     store_rows<R>(acc, lanes, bias, y, stride);              \
     break;
   switch (count) {
@@ -412,10 +421,12 @@ const at::Half* tiles_ptr(const std::optional<at::Tensor>& tiles, const at::Tens
   return tiles->data_ptr<at::Half>();
 }
 
-// y (M, out) = the blocked product of quantized activations a with weight w (+ bias).
+// y (M, out) = the blocked product of M quantized activation rows (kernel) with weight w (+ bias).
 // Threads split the output tiles; each thread streams its slice of the weight once per ROW_TILE rows.
-void linear_into(const QActs& a, const QWeight& w, const at::Half* tiled, const float* bias, float* y) {
-  const int64_t M = a.M, out = w.out, nb = w.nb, tiles = (out + OUT_TILE - 1) / OUT_TILE;
+template <class Kernel>
+void product_into(const Kernel& kernel, int64_t M, const QWeight& w, const at::Half* tiled, const float* bias,
+                  float* y) {
+  const int64_t out = w.out, nb = w.nb, tiles = (out + OUT_TILE - 1) / OUT_TILE;
   const int64_t P = (w.int4 ? 2 : 1) * OUT_TILE;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<uint8_t> zeros;  // stands in for the missing rows of a last, partial tile
@@ -436,8 +447,8 @@ void linear_into(const QActs& a, const QWeight& w, const at::Half* tiled, const 
         const int64_t count = std::min(ROW_TILE, M - m0);
         const float* b0 = bias ? bias + o0 : nullptr;
         if (m0 > 0) ts.ahead = ts.ahead_scales = nullptr, ts.ahead_per_block = ts.ahead_scales_per_block = 0;
-        if (w.int4) tile_product<true>(rows, ts, a, m0, count, lanes, b0, y + m0 * out + o0, out);
-        else tile_product<false>(rows, ts, a, m0, count, lanes, b0, y + m0 * out + o0, out);
+        if (w.int4) tile_product<true>(kernel, rows, ts, m0, count, lanes, b0, y + m0 * out + o0, out);
+        else tile_product<false>(kernel, rows, ts, m0, count, lanes, b0, y + m0 * out + o0, out);
       }
     }
   });
@@ -446,7 +457,7 @@ void linear_into(const QActs& a, const QWeight& w, const at::Half* tiled, const 
 void linear_raw(const float* x, int64_t M, const QWeight& w, const at::Half* tiled, const float* bias, float* y,
                 QActs& scratch) {
   quantize_activations(x, M, w.in, scratch);
-  linear_into(scratch, w, tiled, bias, y);
+  product_into(Int8Rows{scratch}, M, w, tiled, bias, y);
 }
 
 void check_rows(const at::Tensor& x, int64_t width, const char* what) {
@@ -476,25 +487,61 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sc
 }
 
 // ---------------------------------------------------------------------------------------------
-// Float activations times blocked weights, for the output head: its logits feed every token's
-// choice, and quantizing its input to int8 would make them jump when one activation crosses a
-// rounding step (a block holding one of the model's outlier features has coarse steps). The
-// weights are converted to float in registers and the activations stay float32, so the logits
-// move smoothly with the hidden state. Tiles of output rows as in the integer product; per
-// output, the 32 products of a block are summed in order, then
-//   acc = fma(block sum, scale_b, acc)      and, for 4-bit blocks,   acc = fma(offset_b, Σ x, acc)
-// block after block: each row's result is the same bits whatever the batch.
+// The same products with activations quantized to int16 per block (step amax / 32767, 258 times
+// finer than int8): for the output head, whose logits feed every token's choice, and for long
+// inputs (a prefill), whose keys and values every later token reads. int8 steps are coarse in a
+// block that holds one of a model's outlier features and visibly shift such a model's answers;
+// int16 steps are not, and the integer products stay exact (32 · 128 · 32767 < 2^31).
+//
+// Each block's int16 activations are stored in pairs, the order the weight lanes come in:
+// x0 x2 x1 x3 | x4 x6 x5 x7 | ...: word 2j pairs with weights 4j and 4j + 2, word 2j + 1 with
+// 4j + 1 and 4j + 3 (one vpdpwssd / vpmaddwd step each). Per output, as for int8:
+//   acc = fma(float(Σ w·x), scale_b · sx_b, acc)      then, for 4-bit blocks,
+//   acc = fma(offset_b, sx_b · Σ x, acc)
 
-constexpr int64_t FLOAT_ROW_TILE = 4;  // activation rows sharing one converted weight block
+struct QActs16 {
+  int64_t M = 0, nb = 0;
+  std::vector<int16_t> q;  // (M, nb · 32) in pair order
+  std::vector<float> sx;   // (M, nb): amax / 32767
+  std::vector<float> sxs;  // (M, nb): sx · Σ q
+};
+
+inline int64_t pair_pos(int64_t i) { return (i & ~3) + ((i & 1) << 1) + ((i >> 1) & 1); }
+
+void quantize_activations16(const float* x, int64_t M, int64_t in, QActs16& a) {
+  a.M = M;
+  a.nb = in / BLOCK;
+  a.q.resize(M * a.nb * BLOCK);
+  a.sx.resize(M * a.nb);
+  a.sxs.resize(M * a.nb);
+  at::parallel_for(0, M, 16, [&](int64_t m_begin, int64_t m_end) {
+    for (int64_t m = m_begin; m < m_end; ++m)
+      for (int64_t b = 0; b < a.nb; ++b) {
+        const float* xb = x + m * in + b * BLOCK;
+        int16_t* qb = a.q.data() + (m * a.nb + b) * BLOCK;
+        float amax = 0.f;
+        for (int64_t i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+        const float inv = amax == 0.f ? 0.f : 32767.f / amax;
+        int sum = 0;
+        for (int64_t i = 0; i < BLOCK; ++i) {
+          const int v = static_cast<int>(std::nearbyint(xb[i] * inv));  // round half to even
+          qb[pair_pos(i)] = static_cast<int16_t>(v);
+          sum += v;
+        }
+        const int64_t at = m * a.nb + b;
+        a.sx[at] = amax / 32767.f;
+        a.sxs[at] = a.sx[at] * static_cast<float>(sum);
+      }
+  });
+}
 
 #if defined(PL_AVX512)
 
 template <int R, bool INT4>
-void float_tile_rows(const uint8_t* const* rows, const Tile& ts, const float* x, const float* xsum, int64_t in,
-                     int64_t m0, __m512* acc) {
+void tile_rows16(const uint8_t* const* rows, const Tile& ts, const QActs16& a, int64_t m0, __m512* acc) {
   const int64_t nb = ts.nb;
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
+  const __m512i low = _mm512_set1_epi8(0x0F), low_bytes = _mm512_set1_epi16(0x00FF);
   for (int64_t b = 0; b < nb; ++b) {
     if (ts.ahead) prefetch_ahead(ts, b);
     __m512i wv[8];  // as in tile_rows: wv[j] lane r holds weights 4j .. 4j + 3 of row r
@@ -508,24 +555,27 @@ void float_tile_rows(const uint8_t* const* rows, const Tile& ts, const float* x,
       transpose_16(rows, b * BLOCK, wv);
       transpose_16(rows, b * BLOCK + 16, wv + 4);
     }
-    __m512 sum[R];
-    for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_ps();
+    __m512i even[8], odd[8];  // int16 pairs: (w 4j, w 4j+2) and (w 4j+1, w 4j+3) in each lane
     for (int j = 0; j < 8; ++j) {
-      for (int e = 0; e < 4; ++e) {
-        const __m512i v = INT4 ? _mm512_and_si512(_mm512_srli_epi32(wv[j], 8 * e), byte)
-                               : _mm512_srai_epi32(_mm512_slli_epi32(wv[j], 24 - 8 * e), 24);
-        const __m512 wf = _mm512_cvtepi32_ps(v);
-        for (int r = 0; r < R; ++r)
-          sum[r] = _mm512_fmadd_ps(wf, _mm512_set1_ps(x[(m0 + r) * in + b * BLOCK + 4 * j + e]), sum[r]);
-      }
+      even[j] = INT4 ? _mm512_and_si512(wv[j], low_bytes) : _mm512_srai_epi16(_mm512_slli_epi16(wv[j], 8), 8);
+      odd[j] = INT4 ? _mm512_srli_epi16(wv[j], 8) : _mm512_srai_epi16(wv[j], 8);
     }
     const at::Half* sb = ts.scales + b * (INT4 ? 2 : 1) * OUT_TILE;
     const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
     const __m512 f = INT4 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + OUT_TILE)))
                           : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) {
-      acc[r] = _mm512_fmadd_ps(sum[r], s, acc[r]);
-      if (INT4) acc[r] = _mm512_fmadd_ps(f, _mm512_set1_ps(xsum[(m0 + r) * nb + b]), acc[r]);
+      const int64_t at = (m0 + r) * nb + b;
+      const int16_t* x = a.q.data() + at * BLOCK;
+      __m512i e = _mm512_dpwssd_epi32(_mm512_setzero_si512(), even[0], _mm512_set1_epi32(load_u32(x)));
+      __m512i o = _mm512_dpwssd_epi32(_mm512_setzero_si512(), odd[0], _mm512_set1_epi32(load_u32(x + 2)));
+      for (int j = 1; j < 8; ++j) {
+        e = _mm512_dpwssd_epi32(e, even[j], _mm512_set1_epi32(load_u32(x + 4 * j)));
+        o = _mm512_dpwssd_epi32(o, odd[j], _mm512_set1_epi32(load_u32(x + 4 * j + 2)));
+      }
+      const __m512i isum = _mm512_add_epi32(e, o);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(s, _mm512_set1_ps(a.sx[at])), acc[r]);
+      if (INT4) acc[r] = _mm512_fmadd_ps(f, _mm512_set1_ps(a.sxs[at]), acc[r]);
     }
   }
 }
@@ -533,11 +583,10 @@ void float_tile_rows(const uint8_t* const* rows, const Tile& ts, const float* x,
 #elif defined(PL_AVX2)
 
 template <int R, bool INT4>
-void float_tile_rows(const uint8_t* const* rows, const Tile& ts, const float* x, const float* xsum, int64_t in,
-                     int64_t m0, __m256* acc) {
+void tile_rows16(const uint8_t* const* rows, const Tile& ts, const QActs16& a, int64_t m0, __m256* acc) {
   const int64_t nb = ts.nb;
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  const __m256i low = _mm256_set1_epi8(0x0F), byte = _mm256_set1_epi32(0xFF);
+  const __m256i low = _mm256_set1_epi8(0x0F), low_bytes = _mm256_set1_epi16(0x00FF);
   for (int64_t b = 0; b < nb; ++b) {
     if (ts.ahead) prefetch_ahead(ts, b);
     __m256i wv[8];
@@ -551,24 +600,25 @@ void float_tile_rows(const uint8_t* const* rows, const Tile& ts, const float* x,
       transpose_8(rows, b * BLOCK, wv);
       transpose_8(rows, b * BLOCK + 16, wv + 4);
     }
-    __m256 sum[R];
-    for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_ps();
+    __m256i even[8], odd[8];
     for (int j = 0; j < 8; ++j) {
-      for (int e = 0; e < 4; ++e) {
-        const __m256i v = INT4 ? _mm256_and_si256(_mm256_srli_epi32(wv[j], 8 * e), byte)
-                               : _mm256_srai_epi32(_mm256_slli_epi32(wv[j], 24 - 8 * e), 24);
-        const __m256 wf = _mm256_cvtepi32_ps(v);
-        for (int r = 0; r < R; ++r)
-          sum[r] = _mm256_fmadd_ps(wf, _mm256_set1_ps(x[(m0 + r) * in + b * BLOCK + 4 * j + e]), sum[r]);
-      }
+      even[j] = INT4 ? _mm256_and_si256(wv[j], low_bytes) : _mm256_srai_epi16(_mm256_slli_epi16(wv[j], 8), 8);
+      odd[j] = INT4 ? _mm256_srli_epi16(wv[j], 8) : _mm256_srai_epi16(wv[j], 8);
     }
     const at::Half* sb = ts.scales + b * (INT4 ? 2 : 1) * OUT_TILE;
     const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb)));
     const __m256 f = INT4 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + OUT_TILE)))
                           : _mm256_setzero_ps();
     for (int r = 0; r < R; ++r) {
-      acc[r] = _mm256_fmadd_ps(sum[r], s, acc[r]);
-      if (INT4) acc[r] = _mm256_fmadd_ps(f, _mm256_set1_ps(xsum[(m0 + r) * nb + b]), acc[r]);
+      const int64_t at = (m0 + r) * nb + b;
+      const int16_t* x = a.q.data() + at * BLOCK;
+      __m256i isum = _mm256_setzero_si256();
+      for (int j = 0; j < 8; ++j) {
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(even[j], _mm256_set1_epi32(load_u32(x + 4 * j))));
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(odd[j], _mm256_set1_epi32(load_u32(x + 4 * j + 2))));
+      }
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(s, _mm256_set1_ps(a.sx[at])), acc[r]);
+      if (INT4) acc[r] = _mm256_fmadd_ps(f, _mm256_set1_ps(a.sxs[at]), acc[r]);
     }
   }
 }
@@ -576,90 +626,51 @@ void float_tile_rows(const uint8_t* const* rows, const Tile& ts, const float* x,
 #else
 
 template <int R, bool INT4>
-void float_tile_rows(const uint8_t* const* rows, const Tile& ts, const float* x, const float* xsum, int64_t in,
-                     int64_t m0, Acc* acc) {
+void tile_rows16(const uint8_t* const* rows, const Tile& ts, const QActs16& a, int64_t m0, Acc* acc) {
   const int64_t nb = ts.nb;
   const uint8_t* wq = rows[0];
   for (int r = 0; r < R; ++r) acc[r].v = 0.f;
   for (int64_t b = 0; b < nb; ++b) {
     const at::Half* sb = ts.scales + b * (INT4 ? 2 : 1);
     for (int r = 0; r < R; ++r) {
-      const float* xb = x + (m0 + r) * in + b * BLOCK;
-      float sum = 0.f;
-      for (int i = 0; i < BLOCK; ++i) {  // in the order the vector paths use: weight 4j + e
+      const int64_t at = (m0 + r) * nb + b;
+      const int16_t* x = a.q.data() + at * BLOCK;
+      int64_t isum = 0;
+      for (int64_t i = 0; i < BLOCK; ++i) {
         const int v = INT4 ? (i < 16 ? wq[b * 16 + i] & 15 : wq[b * 16 + i - 16] >> 4)
                            : reinterpret_cast<const int8_t*>(wq)[b * BLOCK + i];
-        sum = std::fma(static_cast<float>(v), xb[i], sum);
+        isum += v * x[pair_pos(i)];
       }
-      acc[r].v = std::fma(sum, static_cast<float>(sb[0]), acc[r].v);
-      if (INT4) acc[r].v = std::fma(static_cast<float>(sb[1]), xsum[(m0 + r) * nb + b], acc[r].v);
+      acc[r].v = std::fma(static_cast<float>(isum), static_cast<float>(sb[0]) * a.sx[at], acc[r].v);
+      if (INT4) acc[r].v = std::fma(static_cast<float>(sb[1]), a.sxs[at], acc[r].v);
     }
   }
 }
 
 #endif
 
-template <bool INT4>
-void float_tile_product(const uint8_t* const* rows, const Tile& ts, const float* x, const float* xsum, int64_t in,
-                        int64_t m0, int64_t count, int64_t lanes, const float* bias, float* y, int64_t stride) {
-  Acc acc[FLOAT_ROW_TILE];
-#define PL_TILE_CASE(R)                                           \
-  case R:                                                         \
-    float_tile_rows<R, INT4>(rows, ts, x, xsum, in, m0, acc);     \
-    store_rows<R>(acc, lanes, bias, y, stride);                   \
-    break;
-  switch (count) {
-    PL_TILE_CASE(1) PL_TILE_CASE(2) PL_TILE_CASE(3)
-    default: PL_TILE_CASE(4)
+struct Int16Rows {
+  const QActs16& a;
+  template <int R, bool INT4>
+  void run(const uint8_t* const* rows, const Tile& ts, int64_t m0, Acc* acc) const {
+    tile_rows16<R, INT4>(rows, ts, a, m0, acc);
   }
-#undef PL_TILE_CASE
-}
+};
 
-at::Tensor linear_float(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-                        const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
-                        const std::optional<at::Tensor>& tiles) {
-  const QWeight w = view_weight(q, scale, offset, "linear_float");
-  check_rows(x, w.in, "linear_float: x");
+at::Tensor linear16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                    const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& tiles) {
+  const QWeight w = view_weight(q, scale, offset, "linear16");
+  check_rows(x, w.in, "linear16: x");
   at::Tensor made;
-  const at::Half* tiled = tiles_ptr(tiles, scale, offset, w, made, "linear_float");
-  const int64_t M = x.size(0), out = w.out, nb = w.nb, in = w.in;
-  const int64_t n_tiles = (out + OUT_TILE - 1) / OUT_TILE, P = (w.int4 ? 2 : 1) * OUT_TILE;
-  at::Tensor y = at::empty({M, out}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* bp = bias_ptr(bias, out);
-  float* yp = y.data_ptr<float>();
-  std::vector<float> xsum(w.int4 ? M * nb : 0);  // Σ x per block, for the offset term
-  for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i) {
-    float total = 0.f;
-    for (int64_t k = 0; k < BLOCK; ++k) total += xp[i * BLOCK + k];
-    xsum[i] = total;
-  }
-  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<uint8_t> zeros;
-    const uint8_t* rows[OUT_TILE];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t o0 = t * OUT_TILE, lanes = std::min(OUT_TILE, out - o0);
-      if (lanes < OUT_TILE && zeros.empty()) zeros.assign(w.row_bytes, 0);
-      for (int64_t r = 0; r < OUT_TILE; ++r) rows[r] = r < lanes ? w.q + (o0 + r) * w.row_bytes : zeros.data();
-      Tile ts{tiled + t * nb * P, nb};
-      if (t + AHEAD_TILES < t1) {
-        const int64_t first = (t + AHEAD_TILES) * OUT_TILE, count = std::min(OUT_TILE, out - first);
-        ts.ahead = reinterpret_cast<const char*>(w.q + first * w.row_bytes);
-        ts.ahead_per_block = (count * w.row_bytes + nb * 64 - 1) / (nb * 64) * 64;
-        ts.ahead_scales = reinterpret_cast<const char*>(tiled + (t + AHEAD_TILES) * nb * P);
-        ts.ahead_scales_per_block = (P * 2 + 63) / 64 * 64;
-      }
-      for (int64_t m0 = 0; m0 < M; m0 += FLOAT_ROW_TILE) {
-        const int64_t count = std::min(FLOAT_ROW_TILE, M - m0);
-        const float* b0 = bp ? bp + o0 : nullptr;
-        if (m0 > 0) ts.ahead = ts.ahead_scales = nullptr, ts.ahead_per_block = ts.ahead_scales_per_block = 0;
-        if (w.int4) float_tile_product<true>(rows, ts, xp, xsum.data(), in, m0, count, lanes, b0, yp + m0 * out + o0, out);
-        else float_tile_product<false>(rows, ts, xp, xsum.data(), in, m0, count, lanes, b0, yp + m0 * out + o0, out);
-      }
-    }
-  });
+  const at::Half* tp = tiles_ptr(tiles, scale, offset, w, made, "linear16");
+  at::Tensor y = at::empty({x.size(0), w.out}, x.options());
+  QActs16 a;
+  quantize_activations16(x.data_ptr<float>(), x.size(0), w.in, a);
+  product_into(Int16Rows{a}, a.M, w, tp, bias_ptr(bias, w.out), y.data_ptr<float>());
   return y;
 }
+
 
 // ---------------------------------------------------------------------------------------------
 // Dequantize: the weight (out, in) in float32, the same products as QuantizedLinear.dequantize
@@ -1012,7 +1023,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("offset") = py::none(), py::arg("bias") = py::none(), py::arg("tiles") = py::none());
   m.def("tile_scales", &tile_scales, "scales (and offsets) regrouped by output tile for linear",
         py::arg("scale"), py::arg("offset") = py::none());
-  m.def("linear_float", &linear_float, "blocked weights times float32 activations (the output head)",
+  m.def("linear16", &linear16, "blocked quantized linear, activations quantized to int16 per block",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("offset") = py::none(), py::arg("bias") = py::none(),
         py::arg("tiles") = py::none());
   m.def("dequantize", &dequantize, "weight (out, in) in float32", py::arg("q"), py::arg("scale"),
