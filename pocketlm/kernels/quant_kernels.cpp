@@ -31,7 +31,7 @@
 namespace {
 
 constexpr int64_t BLOCK = 32;
-constexpr int64_t ATTN_CHUNK = 256; // key positions per attention work item (fixed: invariance)
+constexpr int64_t ATTN_CHUNK = 64;  // key positions per attention work item (fixed: invariance)
 
 const char* kernel_path() {
 #if defined(PL_AVX512)
@@ -843,8 +843,9 @@ const T* cache_row(const Cache& c, int64_t b, int64_t k, int64_t t) {
 template <typename T>
 void attend_chunk(const float* q, const Cache& kc, const Cache& vc, const bool* mask, int64_t b, int64_t kh,
                   int64_t t0, int64_t len, int64_t G, int64_t D, float scale, float* m_out, float* l_out,
-                  float* o_out) {
-  std::vector<float> scores(G * len), row(D);
+                  float* o_out, std::vector<float>& scores, std::vector<float>& row) {
+  scores.resize(G * len);
+  row.resize(D);
   for (int64_t j = 0; j < len; ++j) {
     if (mask && !mask[t0 + j]) {
       for (int64_t g = 0; g < G; ++g) scores[g * len + j] = -std::numeric_limits<float>::infinity();
@@ -880,15 +881,18 @@ void attention(const float* qkv, const Cache& kc, const Cache& vc, const bool* m
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   std::vector<float> mx(items * G), l(items * G), o(items * G * D);
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores, row;  // scratch, reused by this thread's items
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t c = i % chunks, kh = (i / chunks) % K, b = i / (chunks * K);
       const float* q = qkv + b * width + kh * G * D;  // the group's G query heads are adjacent
       const bool* m = mask ? mask + b * mask_stride : nullptr;
       const int64_t t0 = c * ATTN_CHUNK, len = std::min(ATTN_CHUNK, S - t0);
       if (kc.half)
-        attend_chunk<at::Half>(q, kc, vc, m, b, kh, t0, len, G, D, scale, &mx[i * G], &l[i * G], &o[i * G * D]);
+        attend_chunk<at::Half>(q, kc, vc, m, b, kh, t0, len, G, D, scale, &mx[i * G], &l[i * G], &o[i * G * D],
+                               scores, row);
       else
-        attend_chunk<float>(q, kc, vc, m, b, kh, t0, len, G, D, scale, &mx[i * G], &l[i * G], &o[i * G * D]);
+        attend_chunk<float>(q, kc, vc, m, b, kh, t0, len, G, D, scale, &mx[i * G], &l[i * G], &o[i * G * D],
+                            scores, row);
     }
   });
   for (int64_t b = 0; b < B; ++b) {
