@@ -2,6 +2,7 @@
 independent plain-PyTorch reference, and against themselves across batch sizes and thread counts
 (batch invariance: bit-identical rows)."""
 
+import os
 import warnings
 
 import pytest
@@ -326,3 +327,16 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         warnings.simplefilter("error")  # said once, not on every call
         torch.testing.assert_close(kernels.linear(x, *weight), y, rtol=0, atol=0)
     torch.testing.assert_close(y, fallback.linear(x, *weight), rtol=0, atol=0)
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared_and_a_live_one_is_kept(tmp_path, capsys):
+    """torch's build waits on its lock file forever; a build killed mid-compile leaves one."""
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not kernels._clear_stale_lock(str(tmp_path))  # fresh: a build may still be running
+    assert lock.exists()
+    old = lock.stat().st_mtime - kernels.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert kernels._clear_stale_lock(str(tmp_path))
+    assert not lock.exists() and "stale build lock" in capsys.readouterr().err
+    assert not kernels._clear_stale_lock(str(tmp_path))  # nothing left to remove

@@ -57,7 +57,8 @@ def test_the_fused_step_computes_what_the_model_computes(model):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         assert cache.length == reference.length == 8 + i
         for a, b in zip(cache.keys + cache.values, reference.keys + reference.values):
-            torch.testing.assert_close(a[:, :, :cache.length], b[:, :, :cache.length], rtol=1e-5, atol=1e-5)
+            # float16 caches (the default): a value on a rounding boundary may land one step apart
+            torch.testing.assert_close(a[:, :, :cache.length], b[:, :, :cache.length])
         tokens = got.argmax(-1)
 
 

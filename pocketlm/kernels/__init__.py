@@ -175,8 +175,26 @@ def _import_built(name: str):
         return None
 
 
+STALE_LOCK_S = 600  # a build holds torch's lock for under a minute; one this old was left by a killed build
+
+
+def _clear_stale_lock(folder: str, max_age: float = STALE_LOCK_S) -> bool:
+    """Remove the lock a killed build left in `folder` (torch would wait on it forever); a lock
+    younger than max_age belongs to a build still running and is left alone. True if removed."""
+    lock = os.path.join(folder, "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) < max_age:
+            return False
+        os.remove(lock)
+    except OSError:  # no lock, or another process removed it first
+        return False
+    sys.stderr.write(f"pocketlm: removed a stale build lock left by an interrupted compile ({lock})\n")
+    return True
+
+
 def _build(name: str, cflags: list[str], ldflags: list[str]):
     from torch.utils import cpp_extension
+    _clear_stale_lock(cpp_extension._get_build_directory(name, verbose=False))
     compiler = os.environ.get("CXX", "cl" if sys.platform == "win32" else "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler}) on PATH")

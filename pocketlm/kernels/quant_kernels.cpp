@@ -93,6 +93,45 @@ struct QActs {
   const int8_t* row(int64_t m) const { return q.data() + m * nb * BLOCK; }
 };
 
+// Where activation i of a block goes in the int16 pair order (see QActs16).
+inline int64_t pair_pos(int64_t i) { return (i & ~3) + ((i & 1) << 1) + ((i >> 1) & 1); }
+
+// One block of 32 activations → int8 q (natural order) or int16 q (pair order), its amax and Σ q.
+// The vector path computes exactly what the scalar one does: the same amax, the same single
+// rounding of x · (top / amax), rounded half to even (the default MXCSR mode, as nearbyint).
+template <typename Q>
+inline void quantize_block(const float* xb, float top, Q* qb, float& amax_out, int& sum_out) {
+#if defined(PL_AVX512)
+  const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+  const __m512 inv = _mm512_set1_ps(amax == 0.f ? 0.f : top / amax);
+  const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
+  sum_out = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+  amax_out = amax;
+  if constexpr (sizeof(Q) == 1) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16), _mm512_cvtsepi32_epi8(q1));
+  } else {
+    alignas(64) int32_t v[32];
+    _mm512_store_si512(v, q0);
+    _mm512_store_si512(v + 16, q1);
+    for (int64_t i = 0; i < BLOCK; ++i) qb[pair_pos(i)] = static_cast<Q>(v[i]);
+  }
+#else
+  float amax = 0.f;
+  for (int64_t i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+  const float inv = amax == 0.f ? 0.f : top / amax;
+  int sum = 0;
+  for (int64_t i = 0; i < BLOCK; ++i) {
+    const int v = static_cast<int>(std::nearbyint(xb[i] * inv));  // round half to even
+    qb[sizeof(Q) == 1 ? i : pair_pos(i)] = static_cast<Q>(v);
+    sum += v;
+  }
+  amax_out = amax;
+  sum_out = sum;
+#endif
+}
+
 void quantize_activations(const float* x, int64_t M, int64_t in, QActs& a) {
   a.M = M;
   a.nb = in / BLOCK;
@@ -100,25 +139,18 @@ void quantize_activations(const float* x, int64_t M, int64_t in, QActs& a) {
   a.sx.resize(M * a.nb);
   a.sxs.resize(M * a.nb);
   a.qsum.resize(M * a.nb);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < a.nb; ++b) {
-      const float* xb = x + m * in + b * BLOCK;
-      int8_t* qb = a.q.data() + (m * a.nb + b) * BLOCK;
-      float amax = 0.f;
-      for (int64_t i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float inv = amax == 0.f ? 0.f : 127.f / amax;
-      int sum = 0;
-      for (int64_t i = 0; i < BLOCK; ++i) {
-        const int v = static_cast<int>(std::nearbyint(xb[i] * inv));  // round half to even
-        qb[i] = static_cast<int8_t>(v);
-        sum += v;
+  at::parallel_for(0, M, 1, [&](int64_t m_begin, int64_t m_end) {  // rows apart: the same bits either way
+    for (int64_t m = m_begin; m < m_end; ++m)
+      for (int64_t b = 0; b < a.nb; ++b) {
+        const int64_t at = m * a.nb + b;
+        float amax;
+        int sum;
+        quantize_block(x + m * in + b * BLOCK, 127.f, a.q.data() + at * BLOCK, amax, sum);
+        a.sx[at] = amax / 127.f;
+        a.sxs[at] = a.sx[at] * static_cast<float>(sum);
+        a.qsum[at] = sum;
       }
-      const int64_t at = m * a.nb + b;
-      a.sx[at] = amax / 127.f;
-      a.sxs[at] = a.sx[at] * static_cast<float>(sum);
-      a.qsum[at] = sum;
-    }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -506,7 +538,6 @@ struct QActs16 {
   std::vector<float> sxs;  // (M, nb): sx · Σ q
 };
 
-inline int64_t pair_pos(int64_t i) { return (i & ~3) + ((i & 1) << 1) + ((i >> 1) & 1); }
 
 void quantize_activations16(const float* x, int64_t M, int64_t in, QActs16& a) {
   a.M = M;
@@ -514,21 +545,13 @@ void quantize_activations16(const float* x, int64_t M, int64_t in, QActs16& a) {
   a.q.resize(M * a.nb * BLOCK);
   a.sx.resize(M * a.nb);
   a.sxs.resize(M * a.nb);
-  at::parallel_for(0, M, 16, [&](int64_t m_begin, int64_t m_end) {
+  at::parallel_for(0, M, 1, [&](int64_t m_begin, int64_t m_end) {
     for (int64_t m = m_begin; m < m_end; ++m)
       for (int64_t b = 0; b < a.nb; ++b) {
-        const float* xb = x + m * in + b * BLOCK;
-        int16_t* qb = a.q.data() + (m * a.nb + b) * BLOCK;
-        float amax = 0.f;
-        for (int64_t i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
-        const float inv = amax == 0.f ? 0.f : 32767.f / amax;
-        int sum = 0;
-        for (int64_t i = 0; i < BLOCK; ++i) {
-          const int v = static_cast<int>(std::nearbyint(xb[i] * inv));  // round half to even
-          qb[pair_pos(i)] = static_cast<int16_t>(v);
-          sum += v;
-        }
         const int64_t at = m * a.nb + b;
+        float amax;
+        int sum;
+        quantize_block(x + m * in + b * BLOCK, 32767.f, a.q.data() + at * BLOCK, amax, sum);
         a.sx[at] = amax / 32767.f;
         a.sxs[at] = a.sx[at] * static_cast<float>(sum);
       }
