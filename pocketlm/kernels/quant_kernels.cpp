@@ -28,6 +28,12 @@
 #include <immintrin.h>
 #endif
 
+#if defined(_MSC_VER)
+#define PL_INLINE __forceinline
+#else
+#define PL_INLINE inline __attribute__((always_inline))
+#endif
+
 namespace {
 
 constexpr int64_t BLOCK = 32;
@@ -202,7 +208,7 @@ inline int32_t load_u32(const void* p) {  // 4 activation bytes (or 2 int16) as 
 constexpr int64_t OUT_TILE = 16;
 
 // Lane r of out[j] = bytes 4j..4j+3 of the 16 bytes at rows[r] + at (r < 16).
-inline void transpose_16(const uint8_t* const* rows, int64_t at, __m512i out[4]) {
+PL_INLINE void transpose_16(const uint8_t* const* rows, int64_t at, __m512i out[4]) {
   __m512i t[4];
   for (int r = 0; r < 4; ++r) {  // t[r]'s 128-bit lane k holds row r + 4k
     __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + at)));
@@ -218,33 +224,47 @@ inline void transpose_16(const uint8_t* const* rows, int64_t at, __m512i out[4])
   out[3] = _mm512_unpackhi_epi64(a1, a3);
 }
 
+// Block b of the tile's rows: wv[j] lane r holds weights 4j .. 4j + 3 of row r (a 4-bit byte i holds
+// weight i in its low nibble and weight i + 16 in its high one; 8-bit weights as stored, signed).
+template <bool INT4>
+PL_INLINE void block_weights(const uint8_t* const* rows, int64_t b, __m512i wv[8]) {
+  if (INT4) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    transpose_16(rows, b * 16, wv);
+    for (int j = 0; j < 4; ++j) {
+      wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(wv[j], 4), low);
+      wv[j] = _mm512_and_si512(wv[j], low);
+    }
+  } else {
+    transpose_16(rows, b * BLOCK, wv);
+    transpose_16(rows, b * BLOCK + 16, wv + 4);
+  }
+}
+
+// Block b's scales (s) and, for 4-bit blocks, offsets (f) of the tile's rows, one per lane.
+template <bool INT4>
+PL_INLINE void block_scales(const Tile& ts, int64_t b, __m512& s, __m512& f) {
+  const at::Half* sb = ts.scales + b * (INT4 ? 2 : 1) * OUT_TILE;
+  s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
+  f = INT4 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + OUT_TILE))) : _mm512_setzero_ps();
+}
+
 // acc[r] (one lane per output row of the tile) for activation rows m0 .. m0 + R - 1.
 template <int R, bool INT4>
 void tile_rows(const uint8_t* const* rows, const Tile& ts, const QActs& a, int64_t m0, __m512* acc) {
   const int64_t nb = ts.nb;
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t b = 0; b < nb; ++b) {
-    // wv[j] pairs with activations 4j .. 4j + 3 of the block: a 4-bit byte i holds weight i in its
-    // low nibble and weight i + 16 in its high one; 8-bit weights get +128 so that they are the
-    // unsigned operand of vpdpbusd (undone below with 128 · Σ x)
     if (ts.ahead) prefetch_ahead(ts, b);
+    // wv[j] pairs with activations 4j .. 4j + 3 of the block; 8-bit weights get +128 so that they
+    // are the unsigned operand of vpdpbusd (undone below with 128 · Σ x)
     __m512i wv[8];
-    if (INT4) {
-      transpose_16(rows, b * 16, wv);
-      for (int j = 0; j < 4; ++j) {
-        wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(wv[j], 4), low);
-        wv[j] = _mm512_and_si512(wv[j], low);
-      }
-    } else {
-      transpose_16(rows, b * BLOCK, wv);
-      transpose_16(rows, b * BLOCK + 16, wv + 4);
+    block_weights<INT4>(rows, b, wv);
+    if (!INT4)
       for (int j = 0; j < 8; ++j) wv[j] = _mm512_xor_si512(wv[j], flip);
-    }
-    const at::Half* sb = ts.scales + b * (INT4 ? 2 : 1) * OUT_TILE;
-    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
-    const __m512 f = INT4 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + OUT_TILE)))
-                          : _mm512_setzero_ps();
+    __m512 s, f;
+    block_scales<INT4>(ts, b, s, f);
     for (int r = 0; r < R; ++r) {
       const int64_t at = (m0 + r) * nb + b;
       const int8_t* x = a.q.data() + at * BLOCK;
@@ -283,7 +303,7 @@ inline float hsum256(__m256 v) {
 }
 
 // Lane r of out[j] = bytes 4j..4j+3 of the 16 bytes at rows[r] + at (r < 8).
-inline void transpose_8(const uint8_t* const* rows, int64_t at, __m256i out[4]) {
+PL_INLINE void transpose_8(const uint8_t* const* rows, int64_t at, __m256i out[4]) {
   __m256i t[4];
   for (int r = 0; r < 4; ++r)  // t[r]'s 128-bit lane k holds row r + 4k
     t[r] = _mm256_inserti128_si256(
@@ -297,31 +317,43 @@ inline void transpose_8(const uint8_t* const* rows, int64_t at, __m256i out[4]) 
   out[3] = _mm256_unpackhi_epi64(a1, a3);
 }
 
+template <bool INT4>
+PL_INLINE void block_weights(const uint8_t* const* rows, int64_t b, __m256i wv[8]) {
+  if (INT4) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    transpose_8(rows, b * 16, wv);
+    for (int j = 0; j < 4; ++j) {
+      wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(wv[j], 4), low);
+      wv[j] = _mm256_and_si256(wv[j], low);
+    }
+  } else {
+    transpose_8(rows, b * BLOCK, wv);
+    transpose_8(rows, b * BLOCK + 16, wv + 4);
+  }
+}
+
+template <bool INT4>
+PL_INLINE void block_scales(const Tile& ts, int64_t b, __m256& s, __m256& f) {
+  const at::Half* sb = ts.scales + b * (INT4 ? 2 : 1) * OUT_TILE;
+  s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb)));
+  f = INT4 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + OUT_TILE))) : _mm256_setzero_ps();
+}
+
 template <int R, bool INT4>
 void tile_rows(const uint8_t* const* rows, const Tile& ts, const QActs& a, int64_t m0, __m256* acc) {
   const int64_t nb = ts.nb;
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < nb; ++b) {
+    if (ts.ahead) prefetch_ahead(ts, b);
     // vpmaddubsw multiplies unsigned by signed bytes: 4-bit weights are unsigned already; 8-bit
     // ones go in as |w| with their sign moved onto x. Pairs fit int16 (2·15·127, 2·128·127).
-    if (ts.ahead) prefetch_ahead(ts, b);
     __m256i wv[8], sign[8];
-    if (INT4) {
-      transpose_8(rows, b * 16, wv);
-      for (int j = 0; j < 4; ++j) {
-        wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(wv[j], 4), low);
-        wv[j] = _mm256_and_si256(wv[j], low);
-      }
-    } else {
-      transpose_8(rows, b * BLOCK, sign);
-      transpose_8(rows, b * BLOCK + 16, sign + 4);
+    block_weights<INT4>(rows, b, INT4 ? wv : sign);
+    if (!INT4)
       for (int j = 0; j < 8; ++j) wv[j] = _mm256_sign_epi8(sign[j], sign[j]);
-    }
-    const at::Half* sb = ts.scales + b * (INT4 ? 2 : 1) * OUT_TILE;
-    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb)));
-    const __m256 f = INT4 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + OUT_TILE)))
-                          : _mm256_setzero_ps();
+    __m256 s, f;
+    block_scales<INT4>(ts, b, s, f);
     for (int r = 0; r < R; ++r) {
       const int64_t at = (m0 + r) * nb + b;
       const int8_t* x = a.q.data() + at * BLOCK;
@@ -564,29 +596,18 @@ template <int R, bool INT4>
 void tile_rows16(const uint8_t* const* rows, const Tile& ts, const QActs16& a, int64_t m0, __m512* acc) {
   const int64_t nb = ts.nb;
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi8(0x0F), low_bytes = _mm512_set1_epi16(0x00FF);
+  const __m512i low_bytes = _mm512_set1_epi16(0x00FF);
   for (int64_t b = 0; b < nb; ++b) {
     if (ts.ahead) prefetch_ahead(ts, b);
-    __m512i wv[8];  // as in tile_rows: wv[j] lane r holds weights 4j .. 4j + 3 of row r
-    if (INT4) {
-      transpose_16(rows, b * 16, wv);
-      for (int j = 0; j < 4; ++j) {
-        wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(wv[j], 4), low);
-        wv[j] = _mm512_and_si512(wv[j], low);
-      }
-    } else {
-      transpose_16(rows, b * BLOCK, wv);
-      transpose_16(rows, b * BLOCK + 16, wv + 4);
-    }
+    __m512i wv[8];
+    block_weights<INT4>(rows, b, wv);
     __m512i even[8], odd[8];  // int16 pairs: (w 4j, w 4j+2) and (w 4j+1, w 4j+3) in each lane
     for (int j = 0; j < 8; ++j) {
       even[j] = INT4 ? _mm512_and_si512(wv[j], low_bytes) : _mm512_srai_epi16(_mm512_slli_epi16(wv[j], 8), 8);
       odd[j] = INT4 ? _mm512_srli_epi16(wv[j], 8) : _mm512_srai_epi16(wv[j], 8);
     }
-    const at::Half* sb = ts.scales + b * (INT4 ? 2 : 1) * OUT_TILE;
-    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
-    const __m512 f = INT4 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + OUT_TILE)))
-                          : _mm512_setzero_ps();
+    __m512 s, f;
+    block_scales<INT4>(ts, b, s, f);
     for (int r = 0; r < R; ++r) {
       const int64_t at = (m0 + r) * nb + b;
       const int16_t* x = a.q.data() + at * BLOCK;
@@ -609,29 +630,18 @@ template <int R, bool INT4>
 void tile_rows16(const uint8_t* const* rows, const Tile& ts, const QActs16& a, int64_t m0, __m256* acc) {
   const int64_t nb = ts.nb;
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  const __m256i low = _mm256_set1_epi8(0x0F), low_bytes = _mm256_set1_epi16(0x00FF);
+  const __m256i low_bytes = _mm256_set1_epi16(0x00FF);
   for (int64_t b = 0; b < nb; ++b) {
     if (ts.ahead) prefetch_ahead(ts, b);
     __m256i wv[8];
-    if (INT4) {
-      transpose_8(rows, b * 16, wv);
-      for (int j = 0; j < 4; ++j) {
-        wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(wv[j], 4), low);
-        wv[j] = _mm256_and_si256(wv[j], low);
-      }
-    } else {
-      transpose_8(rows, b * BLOCK, wv);
-      transpose_8(rows, b * BLOCK + 16, wv + 4);
-    }
+    block_weights<INT4>(rows, b, wv);
     __m256i even[8], odd[8];
     for (int j = 0; j < 8; ++j) {
       even[j] = INT4 ? _mm256_and_si256(wv[j], low_bytes) : _mm256_srai_epi16(_mm256_slli_epi16(wv[j], 8), 8);
       odd[j] = INT4 ? _mm256_srli_epi16(wv[j], 8) : _mm256_srai_epi16(wv[j], 8);
     }
-    const at::Half* sb = ts.scales + b * (INT4 ? 2 : 1) * OUT_TILE;
-    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb)));
-    const __m256 f = INT4 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + OUT_TILE)))
-                          : _mm256_setzero_ps();
+    __m256 s, f;
+    block_scales<INT4>(ts, b, s, f);
     for (int r = 0; r < R; ++r) {
       const int64_t at = (m0 + r) * nb + b;
       const int16_t* x = a.q.data() + at * BLOCK;
