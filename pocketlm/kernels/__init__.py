@@ -1,16 +1,16 @@
 """CPU kernels for quantized inference: a blocked int4/int8 linear (activations quantized to int8
 per 32-block for decoding, to int16 for the head and prefill; AVX512-VNNI / AVX2 / scalar dot
-products), one whole Llama decoder layer per call for decoding, and a fast dequantize. They are compiled from quant_kernels.cpp for
-this machine's CPU on first use (torch.utils.cpp_extension, cached by CPU features + source hash);
-without a compiler, or with POCKETLM_KERNELS=off, the same math runs in plain PyTorch
-(fallback.py). All take plain tensors; the weight layout is the one documented in pocketlm/quant.py.
+products) and one whole Llama decoder layer per call for decoding. They are compiled from
+quant_kernels.cpp for this machine's CPU on first use (torch.utils.cpp_extension, cached by CPU
+features + source hash); without a compiler, or with POCKETLM_KERNELS=off, the same math runs in
+plain PyTorch (fallback.py). All take plain tensors; the weight layout is the one documented in
+pocketlm/quant.py.
 
     linear(x, q, scale, offset=None, bias=None, tiles=None)   x (M, in) → (M, out)
     tile_scales(scale, offset=None)                        the scales regrouped for linear (or None)
     linear16(x, q, scale, offset=None, bias=None, tiles=None)   the same, int16 activations (head, prefill)
     decode_layer(x, norm1, qkv, o, norm2, gate_up, down, eps, cos, sin, k_cache, v_cache, n,
                  n_head, n_kv_head, key_mask=None)         x (B, C) → (B, C); caches written at n
-    dequantize(q, scale, offset=None)                      → (out, in) float32
 """
 
 from __future__ import annotations
@@ -112,14 +112,6 @@ def decode_layer(x, norm1, qkv, o, norm2, gate_up, down, eps, cos, sin, k_cache,
     qkv, o, gate_up, down = weights
     return module.decode_layer(x, norm1, qkv, o, norm2, gate_up, down, float(eps), cos, sin,
                                k_cache, v_cache, int(n), int(n_head), int(n_kv_head), key_mask)
-
-
-def dequantize(q, scale, offset=None):
-    """The weight (out, in) in float32, as QuantizedLinear.dequantize computes it."""
-    module = compiled()
-    if module is None:
-        return fallback.dequantize(q, scale, offset)
-    return module.dequantize(q, scale, offset)
 
 
 # --- building -------------------------------------------------------------------------------------

@@ -35,14 +35,6 @@ def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.
     return _blocked_product(x, q, scale, offset, bias, 127)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
-    """The weight (out, in) in float32: scale·q (+ offset)."""
-    w = _int_weights(q) * scale.float()[..., None]
-    if offset is not None:
-        w = w + offset.float()[..., None]
-    return w.reshape(q.shape[0], -1)
-
-
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 

@@ -1,6 +1,6 @@
 // pocketlm's CPU kernels for quantized inference: a blocked int4/int8 linear with activations
 // quantized per 32-block to int8 (decoding) or int16 (the output head, long inputs), a whole Llama
-// decoder layer for one new token per row, and a threaded dequantize. The math each function computes is defined by the pure-PyTorch versions in
+// decoder layer for one new token per row. The math each function computes is defined by the pure-PyTorch versions in
 // fallback.py; this file only makes it fast. Instruction sets are chosen at compile time from the
 // predefined macros (the build passes -march=native), so dispatch happens once, at build time.
 //
@@ -706,35 +706,6 @@ at::Tensor linear16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& 
 
 
 // ---------------------------------------------------------------------------------------------
-// Dequantize: the weight (out, in) in float32, the same products as QuantizedLinear.dequantize
-
-at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& offset) {
-  const QWeight w = view_weight(q, scale, offset, "dequantize");
-  at::Tensor out = at::empty({w.out, w.in}, scale.options().dtype(at::kFloat));
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, w.out, 16, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o) {
-      const uint8_t* wq = w.q + o * w.row_bytes;
-      float* row = dst + o * w.in;
-      for (int64_t b = 0; b < w.nb; ++b) {
-        const float s = static_cast<float>(w.scale[o * w.nb + b]);
-        if (w.int4) {
-          const float m = static_cast<float>(w.offset[o * w.nb + b]);
-          for (int i = 0; i < 16; ++i) {
-            row[b * BLOCK + i] = static_cast<float>(wq[b * 16 + i] & 15) * s + m;
-            row[b * BLOCK + 16 + i] = static_cast<float>(wq[b * 16 + i] >> 4) * s + m;
-          }
-        } else {
-          const int8_t* wb = reinterpret_cast<const int8_t*>(wq) + b * BLOCK;
-          for (int i = 0; i < BLOCK; ++i) row[b * BLOCK + i] = static_cast<float>(wb[i]) * s;
-        }
-      }
-    }
-  });
-  return out;
-}
-
-// ---------------------------------------------------------------------------------------------
 // Small vector helpers for the decoder layer (fixed reduction order in each)
 
 #if defined(PL_AVX512)
@@ -1063,8 +1034,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear16", &linear16, "blocked quantized linear, activations quantized to int16 per block",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("offset") = py::none(), py::arg("bias") = py::none(),
         py::arg("tiles") = py::none());
-  m.def("dequantize", &dequantize, "weight (out, in) in float32", py::arg("q"), py::arg("scale"),
-        py::arg("offset") = py::none());
   m.def("decode_layer", &decode_layer, "one decoder layer for one new token per row");
   m.def("parallel_threads", &parallel_threads, "threads at::parallel_for uses in this build");
 }
