@@ -9,8 +9,9 @@ Two layouts, both along the input dimension in blocks of BLOCK = 32 weights, wit
 In an int4 block the 16 bytes hold weights 0..15 in their low nibbles and 16..31 in their high
 ones, as GGUF's Q4_0 and Q4_1 do, so those files repack into this layout without touching a
 nibble: Q4_1 is exactly int4 (d, m), Q4_0 is int4 with offset −8·d (exact in float16), Q8_0 is
-exactly int8. `QuantizedLinear` computes with these weights; this pure-PyTorch version
-dequantizes a layer's weight for each product (the reference the faster kernels must match).
+exactly int8. `QuantizedLinear` computes with these weights: on CPU in float32 through
+pocketlm.kernels (activations quantized per block; their pure-PyTorch fallback where no compiler
+is), elsewhere by dequantizing the weight for each product.
 """
 
 from __future__ import annotations

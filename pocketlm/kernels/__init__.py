@@ -72,10 +72,7 @@ def compiled():
 def linear(x, q, scale, offset=None, bias=None, tiles=None):
     """x (M, in) float32 times the blocked weight (out, in), plus bias: (M, out) float32. `tiles`,
     from tile_scales(scale, offset), saves regrouping the scales on every call."""
-    module = compiled()
-    if module is None:
-        return fallback.linear(x, q, scale, offset, bias)
-    return module.linear(x.contiguous(), q, scale, offset, _float_bias(bias), tiles)
+    return _product("linear", x, q, scale, offset, bias, tiles)
 
 
 def tile_scales(scale, offset=None):
@@ -89,14 +86,16 @@ def linear16(x, q, scale, offset=None, bias=None, tiles=None):
     """As linear, with the activations quantized to int16 per block (258× finer steps than int8):
     for the output head, whose logits pick every token, and for long inputs (prefill), whose keys
     and values every later token reads."""
+    return _product("linear16", x, q, scale, offset, bias, tiles)
+
+
+def _product(name, x, q, scale, offset, bias, tiles):
     module = compiled()
     if module is None:
-        return fallback.linear16(x, q, scale, offset, bias)
-    return module.linear16(x.contiguous(), q, scale, offset, _float_bias(bias), tiles)
-
-
-def _float_bias(bias):
-    return bias.float() if bias is not None and bias.dtype != torch.float32 else bias
+        return getattr(fallback, name)(x, q, scale, offset, bias)
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    return getattr(module, name)(x.contiguous(), q, scale, offset, bias, tiles)
 
 
 def decode_layer(x, norm1, qkv, o, norm2, gate_up, down, eps, cos, sin, k_cache, v_cache, n,

@@ -89,17 +89,22 @@ QWeight view_weight(const at::Tensor& q, const at::Tensor& scale, const std::opt
   return w;
 }
 
-// Activations quantized per row per block: q = nearbyint(x · 127 / amax), sx = amax / 127.
+// Activations quantized per row per block, to int8 (Q = int8_t, top 127) or int16 (int16_t, top
+// 32767): q = nearbyint(x · top / amax), sx = amax / top. int16 blocks are stored in pair order
+// (pair_pos; see the int16 products below).
+template <typename Q>
 struct QActs {
+  static constexpr float top = sizeof(Q) == 1 ? 127.f : 32767.f;
   int64_t M = 0, nb = 0;
-  std::vector<int8_t> q;      // (M, nb · 32)
+  std::vector<Q> q;           // (M, nb · 32)
   std::vector<float> sx;      // (M, nb)
   std::vector<float> sxs;     // (M, nb): sx · Σ q, for the 4-bit offset term
-  std::vector<int32_t> qsum;  // (M, nb): Σ q, to undo the +128 bias of 8-bit weights
-  const int8_t* row(int64_t m) const { return q.data() + m * nb * BLOCK; }
+  std::vector<int32_t> qsum;  // (M, nb): Σ q, to undo the +128 bias of 8-bit weights (int8)
 };
+using Acts8 = QActs<int8_t>;
+using Acts16 = QActs<int16_t>;
 
-// Where activation i of a block goes in the int16 pair order (see QActs16).
+// Where activation i of a block goes in the int16 pair order.
 inline int64_t pair_pos(int64_t i) { return (i & ~3) + ((i & 1) << 1) + ((i >> 1) & 1); }
 
 // One block of 32 activations → int8 q (natural order) or int16 q (pair order), its amax and Σ q.
@@ -138,7 +143,8 @@ inline void quantize_block(const float* xb, float top, Q* qb, float& amax_out, i
 #endif
 }
 
-void quantize_activations(const float* x, int64_t M, int64_t in, QActs& a) {
+template <typename Q>
+void quantize_activations(const float* x, int64_t M, int64_t in, QActs<Q>& a) {
   a.M = M;
   a.nb = in / BLOCK;
   a.q.resize(M * a.nb * BLOCK);
@@ -151,8 +157,8 @@ void quantize_activations(const float* x, int64_t M, int64_t in, QActs& a) {
         const int64_t at = m * a.nb + b;
         float amax;
         int sum;
-        quantize_block(x + m * in + b * BLOCK, 127.f, a.q.data() + at * BLOCK, amax, sum);
-        a.sx[at] = amax / 127.f;
+        quantize_block(x + m * in + b * BLOCK, QActs<Q>::top, a.q.data() + at * BLOCK, amax, sum);
+        a.sx[at] = amax / QActs<Q>::top;
         a.sxs[at] = a.sx[at] * static_cast<float>(sum);
         a.qsum[at] = sum;
       }
@@ -251,7 +257,7 @@ PL_INLINE void block_scales(const Tile& ts, int64_t b, __m512& s, __m512& f) {
 
 // acc[r] (one lane per output row of the tile) for activation rows m0 .. m0 + R - 1.
 template <int R, bool INT4>
-void tile_rows(const uint8_t* const* rows, const Tile& ts, const QActs& a, int64_t m0, __m512* acc) {
+void tile_rows(const uint8_t* const* rows, const Tile& ts, const Acts8& a, int64_t m0, __m512* acc) {
   const int64_t nb = ts.nb;
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -340,7 +346,7 @@ PL_INLINE void block_scales(const Tile& ts, int64_t b, __m256& s, __m256& f) {
 }
 
 template <int R, bool INT4>
-void tile_rows(const uint8_t* const* rows, const Tile& ts, const QActs& a, int64_t m0, __m256* acc) {
+void tile_rows(const uint8_t* const* rows, const Tile& ts, const Acts8& a, int64_t m0, __m256* acc) {
   const int64_t nb = ts.nb;
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1);
@@ -389,7 +395,7 @@ struct Acc {
 };
 
 template <int R, bool INT4>
-void tile_rows(const uint8_t* const* rows, const Tile& ts, const QActs& a, int64_t m0, Acc* acc) {
+void tile_rows(const uint8_t* const* rows, const Tile& ts, const Acts8& a, int64_t m0, Acc* acc) {
   const int64_t nb = ts.nb;
   const uint8_t* wq = rows[0];
   for (int r = 0; r < R; ++r) acc[r].v = 0.f;
@@ -419,7 +425,7 @@ void store_rows(const Acc* acc, int64_t, const float* bias, float* y, int64_t st
 #endif
 
 struct Int8Rows {
-  const QActs& a;
+  const Acts8& a;
   template <int R, bool INT4>
   void run(const uint8_t* const* rows, const Tile& ts, int64_t m0, Acc* acc) const {
     tile_rows<R, INT4>(rows, ts, a, m0, acc);
@@ -519,7 +525,7 @@ void product_into(const Kernel& kernel, int64_t M, const QWeight& w, const at::H
 }
 
 void linear_raw(const float* x, int64_t M, const QWeight& w, const at::Half* tiled, const float* bias, float* y,
-                QActs& scratch) {
+                Acts8& scratch) {
   quantize_activations(x, M, w.in, scratch);
   product_into(Int8Rows{scratch}, M, w, tiled, bias, y);
 }
@@ -543,7 +549,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sc
   const QWeight w = view_weight(q, scale, offset, "linear");
   check_rows(x, w.in, "linear: x");
   at::Tensor y = at::empty({x.size(0), w.out}, x.options());
-  QActs scratch;
+  Acts8 scratch;
   at::Tensor made;
   const at::Half* tp = tiles_ptr(tiles, scale, offset, w, made, "linear");
   linear_raw(x.data_ptr<float>(), x.size(0), w, tp, bias_ptr(bias, w.out), y.data_ptr<float>(), scratch);
@@ -563,37 +569,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sc
 //   acc = fma(float(Σ w·x), scale_b · sx_b, acc)      then, for 4-bit blocks,
 //   acc = fma(offset_b, sx_b · Σ x, acc)
 
-struct QActs16 {
-  int64_t M = 0, nb = 0;
-  std::vector<int16_t> q;  // (M, nb · 32) in pair order
-  std::vector<float> sx;   // (M, nb): amax / 32767
-  std::vector<float> sxs;  // (M, nb): sx · Σ q
-};
-
-
-void quantize_activations16(const float* x, int64_t M, int64_t in, QActs16& a) {
-  a.M = M;
-  a.nb = in / BLOCK;
-  a.q.resize(M * a.nb * BLOCK);
-  a.sx.resize(M * a.nb);
-  a.sxs.resize(M * a.nb);
-  at::parallel_for(0, M, 1, [&](int64_t m_begin, int64_t m_end) {
-    for (int64_t m = m_begin; m < m_end; ++m)
-      for (int64_t b = 0; b < a.nb; ++b) {
-        const int64_t at = m * a.nb + b;
-        float amax;
-        int sum;
-        quantize_block(x + m * in + b * BLOCK, 32767.f, a.q.data() + at * BLOCK, amax, sum);
-        a.sx[at] = amax / 32767.f;
-        a.sxs[at] = a.sx[at] * static_cast<float>(sum);
-      }
-  });
-}
-
 #if defined(PL_AVX512)
 
 template <int R, bool INT4>
-void tile_rows16(const uint8_t* const* rows, const Tile& ts, const QActs16& a, int64_t m0, __m512* acc) {
+void tile_rows16(const uint8_t* const* rows, const Tile& ts, const Acts16& a, int64_t m0, __m512* acc) {
   const int64_t nb = ts.nb;
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i low_bytes = _mm512_set1_epi16(0x00FF);
@@ -627,7 +606,7 @@ void tile_rows16(const uint8_t* const* rows, const Tile& ts, const QActs16& a, i
 #elif defined(PL_AVX2)
 
 template <int R, bool INT4>
-void tile_rows16(const uint8_t* const* rows, const Tile& ts, const QActs16& a, int64_t m0, __m256* acc) {
+void tile_rows16(const uint8_t* const* rows, const Tile& ts, const Acts16& a, int64_t m0, __m256* acc) {
   const int64_t nb = ts.nb;
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i low_bytes = _mm256_set1_epi16(0x00FF);
@@ -659,7 +638,7 @@ void tile_rows16(const uint8_t* const* rows, const Tile& ts, const QActs16& a, i
 #else
 
 template <int R, bool INT4>
-void tile_rows16(const uint8_t* const* rows, const Tile& ts, const QActs16& a, int64_t m0, Acc* acc) {
+void tile_rows16(const uint8_t* const* rows, const Tile& ts, const Acts16& a, int64_t m0, Acc* acc) {
   const int64_t nb = ts.nb;
   const uint8_t* wq = rows[0];
   for (int r = 0; r < R; ++r) acc[r].v = 0.f;
@@ -683,7 +662,7 @@ void tile_rows16(const uint8_t* const* rows, const Tile& ts, const QActs16& a, i
 #endif
 
 struct Int16Rows {
-  const QActs16& a;
+  const Acts16& a;
   template <int R, bool INT4>
   void run(const uint8_t* const* rows, const Tile& ts, int64_t m0, Acc* acc) const {
     tile_rows16<R, INT4>(rows, ts, a, m0, acc);
@@ -698,8 +677,8 @@ at::Tensor linear16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& 
   at::Tensor made;
   const at::Half* tp = tiles_ptr(tiles, scale, offset, w, made, "linear16");
   at::Tensor y = at::empty({x.size(0), w.out}, x.options());
-  QActs16 a;
-  quantize_activations16(x.data_ptr<float>(), x.size(0), w.in, a);
+  Acts16 a;
+  quantize_activations(x.data_ptr<float>(), x.size(0), w.in, a);
   product_into(Int16Rows{a}, a.M, w, tp, bias_ptr(bias, w.out), y.data_ptr<float>());
   return y;
 }
@@ -977,7 +956,7 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, const Q
   at::Tensor x = x_in.contiguous().clone();
   float* xp = x.data_ptr<float>();
   std::vector<float> h(B * C), t(B * width), attn(B * H * D), proj(B * C), gu(B * 2 * I), act(B * I), rot(D);
-  QActs scratch;
+  Acts8 scratch;
 
   rms_norm(xp, norm1.data_ptr<float>(), static_cast<float>(eps), B, C, h.data());
   linear_raw(h.data(), B, wqkv, lqkv.tiles, nullptr, t.data(), scratch);
