@@ -90,6 +90,15 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def row(self, index: int) -> "KVCache":
+        """A cache of batch size 1 over row `index` of this one (views: what it stores lands
+        here), empty, for prefilling one sequence into its slot."""
+        view = KVCache.__new__(KVCache)
+        view.keys = [k[index:index + 1] for k in self.keys]
+        view.values = [v[index:index + 1] for v in self.values]
+        view.max_length, view.length, view.growable = self.max_length, 0, False
+        return view
+
     def grow(self, needed: int) -> None:
         """Reallocate to hold at least `needed` positions, keeping the stored ones; doubling makes
         a token-by-token loop copy each position a bounded number of times."""
@@ -106,8 +115,14 @@ class KVCache:
         Without slots they go after the `length` stored positions and attention reads the filled
         part. With slots (a (T,) tensor of cache indices, as the static decode step passes) they
         go there and attention reads the whole buffer under a mask: the same shapes every step,
-        and no Python number that changes, which is what torch.compile needs."""
+        and no Python number that changes, which is what torch.compile needs. Slots (B, 1) put
+        each row's one new position at its own index (the server's rows of different lengths)."""
         keys, values = self.keys[layer], self.values[layer]
+        if slots is not None and slots.dim() == 2:  # (B, 1): each row's own cache index
+            rows = torch.arange(k.shape[0], device=k.device)
+            keys[rows, :, slots[:, 0]] = k[:, :, 0].to(keys.dtype)
+            values[rows, :, slots[:, 0]] = v[:, :, 0].to(values.dtype)
+            return keys.to(k.dtype), values.to(v.dtype)
         if slots is not None:
             keys.index_copy_(2, slots, k.to(keys.dtype))
             values.index_copy_(2, slots, v.to(values.dtype))
@@ -523,7 +538,7 @@ class Transformer(nn.Module):
     def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, slots: torch.Tensor,
                     key_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step with the same shapes every time, for torch.compile: input_ids and
-        position_ids (B, 1) go to cache slot `slots` (1,); key_mask (B, S_max) is True at every
+        position_ids (B, 1) go to cache slot `slots` (1,), or each row to its own (B, 1); key_mask (B, S_max) is True at every
         slot each row may attend to (its real tokens so far, this one included). Returns logits
         (B, 1, V). The caller validated the inputs and advances cache.length; nothing here reads
         a Python number that changes between steps."""

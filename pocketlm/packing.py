@@ -345,15 +345,19 @@ class QuantizedDecodeStep:
         return cls(model, layers)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache,
-                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 key_mask: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions (B,) → logits (B, V); appends to cache (advancing its length).
-        key_mask (B, length + 1), True where a row may attend, for padded batches."""
+        key_mask (B, length + 1), True where a row may attend, for padded batches. With lengths
+        and rows (int64 (B,)), row b instead goes to position lengths[b] of cache row rows[b] and
+        attends to that row's positions up to it, and cache.length is left alone (the server's
+        slots, each at its own length)."""
         from pocketlm import kernels
         from pocketlm.quant import QuantizedLinear
 
         model, config = self.model, self.config
         n, D = cache.length, config.head_dim
-        if n >= cache.max_length:
+        if lengths is None and n >= cache.max_length:
             raise ContextLengthError(f"the KV cache holds {cache.max_length} positions and all are used")
         x = model.model.embed_tokens(tokens).float()  # (B, C)
         cos, sin = (t[:, 0, 0].contiguous() for t in rope_cos_sin(positions[:, None], D, config.rope_theta,
@@ -361,8 +365,10 @@ class QuantizedDecodeStep:
         mask = None if key_mask is None else key_mask.contiguous()
         for i, (norm1, qkv, o, norm2, gate_up, down) in enumerate(self.layers):
             x = kernels.decode_layer(x, norm1, qkv, o, norm2, gate_up, down, config.norm_eps, cos, sin,
-                                     cache.keys[i], cache.values[i], n, config.n_head, config.n_kv_head, mask)
-        cache.length = n + 1
+                                     cache.keys[i], cache.values[i], n, config.n_head, config.n_kv_head, mask,
+                                     lengths, rows)
+        if lengths is None:
+            cache.length = n + 1
         x, head = model.model.norm(x), model.lm_head
         if isinstance(head, QuantizedLinear):  # whatever the batch size: rows stay independent
             return head.kernel(x)

@@ -283,6 +283,43 @@ def test_decode_layer_is_batch_and_thread_invariant(cache_dtype, threads):
         assert torch.equal(y[0], alone[0]), (n_threads, B)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_decode_layer_rows_of_different_lengths(cache_dtype):
+    """The server's slots: each batch row at its own position of its own cache row (lengths, rows)
+    gives what that row gives alone in a cache of its own; the compiled kernel bit for bit, the
+    fallback within rounding; cache rows not in the batch stay untouched."""
+    H, K = 9, 3
+    x, w, cos, sin, k_cache, v_cache, _ = _layer_case(3, H, K, 700, cache_dtype, False, seed=7)
+    lengths, rows = torch.tensor([700, 3, 130]), torch.tensor([4, 0, 2])  # cache rows 1, 3 idle
+    k_big = torch.randn(5, K, 800, cos.shape[1]).to(cache_dtype)
+    v_big = torch.randn(5, K, 800, cos.shape[1]).to(cache_dtype)
+    for i, r in enumerate(rows.tolist()):
+        k_big[r, :, :703], v_big[r, :, :703] = k_cache[i], v_cache[i]
+    implementations = [fallback.decode_layer] + ([kernels.decode_layer] if _module() is not None else [])
+    for decode in implementations:
+        k_out, v_out = k_big.clone(), v_big.clone()
+        y = decode(x, w["norm1"], w["qkv"], w["o"], w["norm2"], w["gate_up"], w["down"], 1e-5, cos, sin,
+                   k_out, v_out, 0, H, K, None, lengths, rows)
+        for i, (n, r) in enumerate(zip(lengths.tolist(), rows.tolist())):
+            k_own, v_own = k_cache[i:i + 1].clone(), v_cache[i:i + 1].clone()
+            alone = _run_layer(decode, x[i:i + 1], w, 1e-5, cos[i:i + 1], sin[i:i + 1], k_own, v_own, n, H, K, None)
+            if decode is fallback.decode_layer:
+                _close(y[i:i + 1], alone, 1e-5)
+            else:
+                assert torch.equal(y[i:i + 1], alone), (n, r)
+            assert torch.equal(k_out[r, :, :n + 1], k_own[0, :, :n + 1])
+            assert torch.equal(v_out[r, :, :n + 1], v_own[0, :, :n + 1])
+            assert torch.equal(k_out[r, :, n + 1:], k_big[r, :, n + 1:])
+        for idle in (1, 3):
+            assert torch.equal(k_out[idle], k_big[idle]) and torch.equal(v_out[idle], v_big[idle])
+    if _module() is not None:
+        for bad, message in (((torch.tensor([800, 3, 130]), rows), "does not fit"),
+                             ((lengths, torch.tensor([4, 5, 2])), "not among")):
+            with pytest.raises(RuntimeError, match=message):
+                kernels.decode_layer(x, w["norm1"], w["qkv"], w["o"], w["norm2"], w["gate_up"], w["down"], 1e-5,
+                                     cos, sin, k_big.clone(), v_big.clone(), 0, H, K, None, *bad)
+
+
 def test_forced_fallback_agrees_with_compiled(monkeypatch):
     _, weight = _weight(33, 608, 4, bias=False)
     x = torch.randn(3, 608)

@@ -99,18 +99,20 @@ def _product(name, x, q, scale, offset, bias, tiles):
 
 
 def decode_layer(x, norm1, qkv, o, norm2, gate_up, down, eps, cos, sin, k_cache, v_cache, n,
-                 n_head, n_kv_head, key_mask=None):
+                 n_head, n_kv_head, key_mask=None, lengths=None, rows=None):
     """One decoder layer for one new token per row (math: fallback.decode_layer). Each weight is
-    (q, scale, offset) or (q, scale, offset, tiles) with tiles from tile_scales."""
+    (q, scale, offset) or (q, scale, offset, tiles) with tiles from tile_scales. Every row goes to
+    position n of its own cache row, unless lengths (B,) gives each row's position and rows (B,)
+    its cache row (the server's slots: rows of different lengths in one batch)."""
     module = compiled()
     weights = [tuple(w) + (None,) * (4 - len(w)) for w in (qkv, o, gate_up, down)]
     if module is None:
         qkv, o, gate_up, down = (w[:3] for w in weights)
         return fallback.decode_layer(x, norm1, qkv, o, norm2, gate_up, down, eps, cos, sin,
-                                     k_cache, v_cache, n, n_head, n_kv_head, key_mask)
+                                     k_cache, v_cache, n, n_head, n_kv_head, key_mask, lengths, rows)
     qkv, o, gate_up, down = weights
     return module.decode_layer(x, norm1, qkv, o, norm2, gate_up, down, float(eps), cos, sin,
-                               k_cache, v_cache, int(n), int(n_head), int(n_kv_head), key_mask)
+                               k_cache, v_cache, int(n), int(n_head), int(n_kv_head), key_mask, lengths, rows)
 
 
 # --- building -------------------------------------------------------------------------------------

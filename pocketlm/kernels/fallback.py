@@ -40,22 +40,29 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def decode_layer(x, norm1, qkv, o, norm2, gate_up, down, eps, cos, sin, k_cache, v_cache, n,
-                 n_head, n_kv_head, key_mask=None) -> torch.Tensor:
-    """One Llama-family decoder layer for one new token per row; writes k and v at position n."""
+                 n_head, n_kv_head, key_mask=None, lengths=None, rows=None) -> torch.Tensor:
+    """One Llama-family decoder layer for one new token per row: row b writes its key and value
+    at position lengths[b] (default n) of cache row rows[b] (default b) and attends to positions
+    0..lengths[b] of that row (under key_mask, (B, S), when given)."""
     B, C = x.shape
     H, K, D = n_head, n_kv_head, cos.shape[-1]
+    pos = torch.full((B,), n, dtype=torch.long) if lengths is None else lengths
+    rows = torch.arange(B) if rows is None else rows
     t = linear(_rms_norm(x, norm1, eps), *qkv)
     heads = t.view(B, H + 2 * K, D)
     qk = heads[:, :H + K]
     # rotate pairs (j, j + D/2); sin's first half carries the minus sign (model.rope_cos_sin)
     qk = qk * cos[:, None] + qk.roll(D // 2, dims=-1) * sin[:, None]
     q, k, v = qk[:, :H], qk[:, H:], heads[:, H + K:]
-    k_cache[:, :, n] = k.to(k_cache.dtype)
-    v_cache[:, :, n] = v.to(v_cache.dtype)
-    keys, values = k_cache[:, :, :n + 1].float(), v_cache[:, :, :n + 1].float()  # (B, K, S, D)
+    k_cache[rows, :, pos] = k.to(k_cache.dtype)
+    v_cache[rows, :, pos] = v.to(v_cache.dtype)
+    S = int(pos.max()) + 1
+    keys, values = k_cache[rows, :, :S].float(), v_cache[rows, :, :S].float()  # (B, K, S, D)
     scores = q.view(B, K, H // K, D) @ keys.transpose(-1, -2) / D ** 0.5  # (B, K, G, S)
+    visible = torch.arange(S)[None, :] <= pos[:, None]  # (B, S): each row's own positions
     if key_mask is not None:
-        scores = scores.masked_fill(~key_mask[:, None, None, :n + 1], float("-inf"))
+        visible = visible & key_mask[:, :S]
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     # a row whose keys are all masked attends to nothing (zeros), as the C++ kernel does
     attn = (scores.softmax(-1).nan_to_num(0.0) @ values).reshape(B, H * D)
     x = x + linear(attn, *o)

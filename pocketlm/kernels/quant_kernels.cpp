@@ -810,11 +810,10 @@ struct Cache {
   int64_t s_b, s_k, s_t;  // strides in elements of batch, kv head, position
 };
 
-Cache view_cache(const at::Tensor& c, int64_t B, int64_t K, int64_t D, int64_t n, const char* what) {
-  TORCH_CHECK(c.dim() == 4 && c.size(0) == B && c.size(1) == K && c.size(3) == D && c.stride(3) == 1, what,
-              " must be (B, n_kv_head, S_max, head_dim) with contiguous rows");
+Cache view_cache(const at::Tensor& c, int64_t K, int64_t D, const char* what) {
+  TORCH_CHECK(c.dim() == 4 && c.size(1) == K && c.size(3) == D && c.stride(3) == 1, what,
+              " must be (rows, n_kv_head, S_max, head_dim) with contiguous rows");
   TORCH_CHECK(c.scalar_type() == at::kFloat || c.scalar_type() == at::kHalf, what, " must be float32 or float16");
-  TORCH_CHECK(n >= 0 && n < c.size(2), what, " holds ", c.size(2), " positions, position ", n, " does not fit");
   return {c.data_ptr(), c.scalar_type() == at::kHalf, c.stride(0), c.stride(1), c.stride(2)};
 }
 
@@ -857,38 +856,44 @@ void write_cache_row(const Cache& c, int64_t b, int64_t k, int64_t t, const floa
   for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
+// Row b's query attends to positions 0..pos[b] of cache row crow[b], in chunks counted from
+// position 0 of that row: the same reductions whatever the batch or where the row sits in it.
 void attention(const float* qkv, const Cache& kc, const Cache& vc, const bool* mask, int64_t mask_stride,
-               int64_t B, int64_t H, int64_t K, int64_t D, int64_t n, float* out) {
-  const int64_t G = H / K, width = (H + 2 * K) * D, S = n + 1;
-  const int64_t chunks = (S + ATTN_CHUNK - 1) / ATTN_CHUNK, items = B * K * chunks;
+               int64_t B, int64_t H, int64_t K, int64_t D, const std::vector<int64_t>& pos,
+               const std::vector<int64_t>& crow, float* out) {
+  const int64_t G = H / K, width = (H + 2 * K) * D;
+  const int64_t chunks = (*std::max_element(pos.begin(), pos.end()) + ATTN_CHUNK) / ATTN_CHUNK, items = B * K * chunks;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  std::vector<float> mx(items * G), l(items * G), o(items * G * D);
+  std::vector<float> mx(items * G, -std::numeric_limits<float>::infinity()), l(items * G, 0.f), o(items * G * D);
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores, row;  // scratch, reused by this thread's items
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t c = i % chunks, kh = (i / chunks) % K, b = i / (chunks * K);
+      const int64_t c = i % chunks, kh = (i / chunks) % K, b = i / (chunks * K), S = pos[b] + 1;
+      const int64_t t0 = c * ATTN_CHUNK;
+      if (t0 >= S) continue;  // past this row's end: an empty chunk (l = 0)
       const float* q = qkv + b * width + kh * G * D;  // the group's G query heads are adjacent
       const bool* m = mask ? mask + b * mask_stride : nullptr;
-      const int64_t t0 = c * ATTN_CHUNK, len = std::min(ATTN_CHUNK, S - t0);
+      const int64_t len = std::min(ATTN_CHUNK, S - t0);
       if (kc.half)
-        attend_chunk<at::Half>(q, kc, vc, m, b, kh, t0, len, G, D, scale, &mx[i * G], &l[i * G], &o[i * G * D],
-                               scores, row);
+        attend_chunk<at::Half>(q, kc, vc, m, crow[b], kh, t0, len, G, D, scale, &mx[i * G], &l[i * G],
+                               &o[i * G * D], scores, row);
       else
-        attend_chunk<float>(q, kc, vc, m, b, kh, t0, len, G, D, scale, &mx[i * G], &l[i * G], &o[i * G * D],
+        attend_chunk<float>(q, kc, vc, m, crow[b], kh, t0, len, G, D, scale, &mx[i * G], &l[i * G], &o[i * G * D],
                             scores, row);
     }
   });
   for (int64_t b = 0; b < B; ++b) {
+    const int64_t used = pos[b] / ATTN_CHUNK + 1;  // this row's chunks
     for (int64_t kh = 0; kh < K; ++kh) {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t first = (b * K + kh) * chunks;
         float top = -std::numeric_limits<float>::infinity();
-        for (int64_t c = 0; c < chunks; ++c) top = std::max(top, mx[(first + c) * G + g]);
+        for (int64_t c = 0; c < used; ++c) top = std::max(top, mx[(first + c) * G + g]);
         float* dst = out + b * H * D + (kh * G + g) * D;
         std::fill(dst, dst + D, 0.f);
         if (top == -std::numeric_limits<float>::infinity()) continue;  // every key masked: zeros
         float total = 0.f;
-        for (int64_t c = 0; c < chunks; ++c) {
+        for (int64_t c = 0; c < used; ++c) {
           const int64_t it = first + c;
           if (l[it * G + g] == 0.f) continue;
           const float w = std::exp(mx[it * G + g] - top);
@@ -920,7 +925,8 @@ struct LayerWeight {
 at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, const QW& qkv_w, const QW& o_w,
                         const at::Tensor& norm2, const QW& gate_up_w, const QW& down_w, double eps,
                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        int64_t n, int64_t n_head, int64_t n_kv_head, const std::optional<at::Tensor>& key_mask) {
+                        int64_t n, int64_t n_head, int64_t n_kv_head, const std::optional<at::Tensor>& key_mask,
+                        const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& rows) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "decode_layer: x must be float32 (B, C)");
   const int64_t B = x_in.size(0), C = x_in.size(1), H = n_head, K = n_kv_head;
   TORCH_CHECK(H > 0 && K > 0 && H % K == 0, "decode_layer: n_head must be a multiple of n_kv_head");
@@ -940,15 +946,36 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, const Q
   TORCH_CHECK(wo.in == H * D && wo.out == C, "decode_layer: o weight must be (", C, ", ", H * D, ")");
   TORCH_CHECK(wgu.in == C && wgu.out % 2 == 0, "decode_layer: gate_up weight must be (2 · I, ", C, ")");
   TORCH_CHECK(wd.in == I && wd.out == C, "decode_layer: down weight must be (", C, ", ", I, ")");
-  const Cache kc = view_cache(k_cache, B, K, D, n, "decode_layer: k_cache");
-  const Cache vc = view_cache(v_cache, B, K, D, n, "decode_layer: v_cache");
-  TORCH_CHECK(kc.half == vc.half, "decode_layer: k_cache and v_cache must have the same dtype");
+  const Cache kc = view_cache(k_cache, K, D, "decode_layer: k_cache");
+  const Cache vc = view_cache(v_cache, K, D, "decode_layer: v_cache");
+  TORCH_CHECK(kc.half == vc.half && k_cache.sizes() == v_cache.sizes(),
+              "decode_layer: k_cache and v_cache must have the same dtype and shape");
+  // each row's position (where its key and value go, and how far it attends) and cache row:
+  // n and 0..B-1 unless `lengths` / `rows` (int64 (B,)) say otherwise
+  std::vector<int64_t> pos(B, n), crow(B);
+  for (int64_t b = 0; b < B; ++b) crow[b] = b;
+  for (const auto& [given, dst, what] : {std::make_tuple(&lengths, &pos, "lengths"), std::make_tuple(&rows, &crow, "rows")}) {
+    if (!given->has_value() || !(*given)->defined()) continue;
+    const at::Tensor& t = **given;
+    TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == B, "decode_layer: ", what,
+                " must be int64 (B,)");
+    const at::Tensor c = t.contiguous();
+    std::copy(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + B, dst->begin());
+  }
+  const int64_t S_max = k_cache.size(2);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(crow[b] >= 0 && crow[b] < k_cache.size(0), "decode_layer: cache row ", crow[b], " of batch row ", b,
+                " is not among the cache's ", k_cache.size(0), " rows");
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < S_max, "decode_layer: the cache holds ", S_max, " positions, position ",
+                pos[b], " does not fit");
+  }
   const bool* mask = nullptr;
   int64_t mask_stride = 0;
   if (key_mask.has_value() && key_mask->defined()) {
+    const int64_t top = *std::max_element(pos.begin(), pos.end());
     TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 && key_mask->size(0) == B &&
-                    key_mask->size(1) > n && key_mask->stride(1) == 1,
-                "decode_layer: key_mask must be bool (B, S) with S > n");
+                    key_mask->size(1) > top && key_mask->stride(1) == 1,
+                "decode_layer: key_mask must be bool (B, S) with S > every position");
     mask = key_mask->data_ptr<bool>();
     mask_stride = key_mask->stride(0);
   }
@@ -971,11 +998,13 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& norm1, const Q
     for (int64_t kh = 0; kh < K; ++kh) {
       const float* k = t.data() + b * width + (H + kh) * D;
       const float* val = t.data() + b * width + (H + K + kh) * D;
-      if (kc.half) write_cache_row<at::Half>(kc, b, kh, n, k, D), write_cache_row<at::Half>(vc, b, kh, n, val, D);
-      else write_cache_row<float>(kc, b, kh, n, k, D), write_cache_row<float>(vc, b, kh, n, val, D);
+      if (kc.half)
+        write_cache_row<at::Half>(kc, crow[b], kh, pos[b], k, D), write_cache_row<at::Half>(vc, crow[b], kh, pos[b], val, D);
+      else
+        write_cache_row<float>(kc, crow[b], kh, pos[b], k, D), write_cache_row<float>(vc, crow[b], kh, pos[b], val, D);
     }
   }
-  attention(t.data(), kc, vc, mask, mask_stride, B, H, K, D, n, attn.data());
+  attention(t.data(), kc, vc, mask, mask_stride, B, H, K, D, pos, crow, attn.data());
   linear_raw(attn.data(), B, wo, lo.tiles, nullptr, proj.data(), scratch);
   for (int64_t i = 0; i < B * C; ++i) xp[i] += proj[i];
 
@@ -1013,6 +1042,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear16", &linear16, "blocked quantized linear, activations quantized to int16 per block",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("offset") = py::none(), py::arg("bias") = py::none(),
         py::arg("tiles") = py::none());
-  m.def("decode_layer", &decode_layer, "one decoder layer for one new token per row");
+  m.def("decode_layer", &decode_layer, "one decoder layer for one new token per row", py::arg("x"), py::arg("norm1"),
+        py::arg("qkv"), py::arg("o"), py::arg("norm2"), py::arg("gate_up"), py::arg("down"), py::arg("eps"),
+        py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("n"), py::arg("n_head"),
+        py::arg("n_kv_head"), py::arg("key_mask") = py::none(), py::arg("lengths") = py::none(),
+        py::arg("rows") = py::none());
   m.def("parallel_threads", &parallel_threads, "threads at::parallel_for uses in this build");
 }
