@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(PIP) -e ".[test,plot]"
+	$(PIP) -e ".[test,plot,server]"
 	touch $@
 
 test: $(VENV)/.installed-test

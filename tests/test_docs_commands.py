@@ -29,6 +29,7 @@ NOT_RUN = {
     "runs/baby": "a 2000-step training run",
     "runs/sentiment": "a fine-tune of SmolLM2 on the sentiment set: minutes (make demo runs a short one)",
     "runs/chatterbot": "instruction-tuning SmolLM2 on the chatterbot corpus: minutes",
+    "pocketlm serve": "a server runs until it is stopped; tests/test_server.py starts one and stops it with SIGTERM",
 }
 # a synopsis line shows placeholders (MODEL, FILE|DIR, [--flag], INPUT...), not a command
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z_|]{2,}(\.\.\.)?$|^\[|\]$")
@@ -189,6 +190,7 @@ def test_every_pocketlm_line_runs(scratch, monkeypatch, capsys):
 PYTHON_BLOCKS_NOT_RUN = {
     "docs/cli.md": "a fragment continuing the page's session (tokenizer, model, generator defined above it)",
     "docs/training.md": "a 2000-step training run on the whole corpus",
+    "docs/server.md": "talks to a running server; tests/test_server.py makes the same calls against a live one",
 }
 
 

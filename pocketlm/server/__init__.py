@@ -1,0 +1,1 @@
+"""The HTTP server: OpenAI-compatible routes, continuous batching and a web chat page."""

@@ -1,0 +1,399 @@
+"""Continuous batching: many requests share one model, one KV cache and one running batch.
+
+The cache has `parallel` slots (rows), each holding one sequence at its own length. A request
+takes one slot per choice (`n`); its prompt is prefilled into its first slot PREFILL_CHUNK tokens
+at a time and copied to the others, then its sequences join the running batch, which advances
+every sequence by one token per decode step. Between steps the loop admits waiting requests,
+runs at most one prefill chunk (so a new prompt stalls running streams for one chunk at most) and
+drops finished or cancelled sequences, whose slots go straight back to the pool.
+
+The loop runs on a thread of its own; requests talk to it through `submit` and `cancel`, and it
+answers through each request's `emit` callback (the HTTP layer hands it to its event loop). On a
+quantized CPU model every decode step runs through the block kernels with each row at its own
+slot and length (kernels.decode_layer's lengths/rows): rows are computed independently, so a
+request's greedy tokens are the same bits whether it runs alone or beside others. Other models
+run the model's static-shape decode step over all slots under a key mask.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from pocketlm.errors import ConfigError, PocketLMError
+from pocketlm.generate import PREFILL_CHUNK, TextTracker, filter_logits
+from pocketlm.packing import QuantizedDecodeStep, pack_linears
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(PocketLMError):
+    """Every slot is busy and the waiting queue is full: try again later (HTTP 429)."""
+
+
+class ShuttingDownError(PocketLMError):
+    """The server is draining and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class Sampling:
+    """One request's generation settings, already validated (the HTTP layer checks each field)."""
+    max_tokens: int
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: off; k: the chosen token's and the k most likely
+
+
+@dataclass
+class Event:
+    """What the scheduler tells a request, in order: `token` events (a choice's new text, token id
+    and log-probabilities; `finish_reason` set on its last), then one `done` (usage) or `error`."""
+    kind: str  # "token", "done" or "error"
+    index: int = 0
+    text: str = ""
+    token_id: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    message: str = ""
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    sampling: Sampling
+    emit: Callable[[Event], None]
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    cancelled: bool = False
+    sequences: list["_Sequence"] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens in the first slot so far
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self.sequences)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: Request
+    index: int
+    slot: int
+    tracker: TextTracker
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    length: int = 0  # positions in the slot's cache
+    counts: dict[int, int] = field(default_factory=dict)  # generated token → times, for the penalties
+    finish_reason: str | None = None
+
+
+class Scheduler:
+    """Runs requests on `model` in one continuously batched loop (see the module docstring).
+
+        scheduler = Scheduler(model, tokenizer, parallel=8, max_queue=64, context=2048)
+        scheduler.start()
+        scheduler.submit(Request(prompt_ids, Sampling(max_tokens=32), emit=print))
+        scheduler.stop()
+    """
+
+    def __init__(self, model, tokenizer, *, parallel: int = 8, max_queue: int = 64, context: int = 2048,
+                 on_step: Callable[[int], None] | None = None):
+        if parallel < 1 or max_queue < 0 or context < 2:
+            raise ConfigError(f"parallel ({parallel}) must be ≥ 1, max_queue ({max_queue}) ≥ 0 and context "
+                              f"({context}) ≥ 2")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.parallel, self.max_queue, self.context = parallel, max_queue, context
+        self.eos = set(_as_list(model.config.eos_token_id))
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            self.eos.add(tokenizer.eos_token_id)
+        pack_linears(model)
+        self.device = model.device
+        # one extra position per slot: where rows outside a generic decode step write (never read)
+        self.cache = model.new_cache(parallel, context + 1)
+        with torch.inference_mode():  # the block kernels' step, where the model has one
+            self.fast_step = QuantizedDecodeStep.for_model(model)
+        self.free = list(range(parallel - 1, -1, -1))  # a stack: low slots first
+        self.waiting: deque[Request] = deque()
+        self.prefilling: deque[Request] = deque()
+        self.running: list[_Sequence] = []
+        self.on_step = on_step  # called with the batch size after each decode step (metrics)
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._draining = False
+
+    # --- the requests' side -------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queue a request (it starts as soon as it has slots); QueueFullError when the queue
+        is full, ShuttingDownError while draining, ConfigError when it can never fit."""
+        s = request.sampling
+        if s.n > self.parallel:
+            raise ConfigError(f"n={s.n} needs {s.n} slots; this server runs {self.parallel} (--parallel)")
+        if len(request.prompt) + s.max_tokens > self.context:
+            raise ConfigError(f"{len(request.prompt)} prompt tokens + {s.max_tokens} max_tokens exceed the "
+                              f"context of {self.context} tokens")
+        with self._lock:
+            if self._draining or self._stopping:
+                raise ShuttingDownError("the server is shutting down and takes no new requests")
+            if len(self.waiting) >= self.max_queue and not self._fits_now(request):
+                raise QueueFullError(f"{len(self.waiting)} requests are already waiting (--max-queue "
+                                     f"{self.max_queue}); try again shortly")
+            self.waiting.append(request)
+            self._lock.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (its client went away): its slots are freed before the next step."""
+        with self._lock:
+            request.cancelled = True
+            self._lock.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def active(self) -> int:
+        """Requests holding slots (prefilling or decoding)."""
+        return len(self.prefilling) + len({id(s.request) for s in self.running})
+
+    def _fits_now(self, request: Request) -> bool:
+        return not self.waiting and request.sampling.n <= len(self.free)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="pocketlm-scheduler", daemon=True)
+        self._thread.start()
+
+    def drain(self, timeout: float) -> bool:
+        """Take no new requests, let running and queued ones finish for up to `timeout` seconds,
+        then stop (cancelling what is left). True when everything finished in time."""
+        with self._lock:
+            self._draining = True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not (self.waiting or self.prefilling or self.running):
+                    break
+            time.sleep(0.02)
+        finished = not (self.waiting or self.prefilling or self.running)
+        self.stop()
+        return finished
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and not (self.waiting or self.prefilling or self.running):
+                        self._lock.wait()
+                    if self._stopping:
+                        break
+                    self._drop_cancelled()
+                    self._admit()
+                with torch.inference_mode():
+                    if self.prefilling:
+                        self._prefill_chunk(self.prefilling[0])
+                    if self.running:
+                        self._decode_step()
+        except Exception as e:  # a bug or an out-of-memory: fail every request rather than hang them
+            log.exception("the scheduler stopped")
+            self._fail_all(f"the server failed while generating: {type(e).__name__}: {e}")
+            return
+        self._fail_all("the server is shutting down")
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            requests = list(self.waiting) + list(self.prefilling) + list({id(s.request): s.request
+                                                                         for s in self.running}.values())
+            self.waiting.clear()
+            self.prefilling.clear()
+            self.running.clear()
+            self._stopping = True
+        for request in requests:
+            request.emit(Event("error", message=message))
+
+    def _drop_cancelled(self) -> None:
+        for queue in (self.waiting, self.prefilling):
+            for request in [r for r in queue if r.cancelled]:
+                queue.remove(request)
+                self._release(request)
+        gone = [s for s in self.running if s.request.cancelled]
+        for s in gone:
+            self.running.remove(s)
+            self.free.append(s.slot)
+
+    def _release(self, request: Request) -> None:
+        for s in request.sequences:
+            self.free.append(s.slot)
+        request.sequences.clear()
+
+    def _admit(self) -> None:
+        while self.waiting and self.waiting[0].sampling.n <= len(self.free):
+            request = self.waiting.popleft()
+            s = request.sampling
+            seed = s.seed if s.seed is not None else random.getrandbits(63)
+            request.sequences = [_Sequence(request, i, self.free.pop(), TextTracker(self.tokenizer, s.stop),
+                                           _generator(seed, i, self.device)) for i in range(s.n)]
+            self.prefilling.append(request)
+
+    def _prefill_chunk(self, request: Request) -> None:
+        first = request.sequences[0]
+        cache = self.cache.row(first.slot)
+        cache.length = start = request.prefilled
+        end = min(len(request.prompt), start + PREFILL_CHUNK)
+        ids = torch.tensor([request.prompt[start:end]], device=self.device)
+        positions = torch.arange(start, end, device=self.device)[None]
+        logits = self.model(ids, cache=cache, position_ids=positions, logits_to_keep=1).logits[0, -1]
+        request.prefilled = end
+        if end < len(request.prompt):
+            return
+        with self._lock:
+            self.prefilling.popleft()
+            if request.cancelled:
+                self._release(request)
+                return
+        for s in request.sequences:
+            if s is not first:  # n > 1: every choice starts from the same prompt
+                for buffers in (self.cache.keys, self.cache.values):
+                    for b in buffers:
+                        b[s.slot, :, :end] = b[first.slot, :, :end]
+            s.length = end
+        self._advance(request.sequences, logits.float()[None].expand(len(request.sequences), -1))
+        with self._lock:
+            self.running.extend(s for s in request.sequences if s.finish_reason is None)
+
+    def _decode_step(self) -> None:
+        batch = sorted(self.running, key=lambda s: s.slot)
+        tokens = torch.tensor([s.tokens[-1] for s in batch], device=self.device)
+        lengths = torch.tensor([s.length for s in batch], device=self.device)
+        if self.fast_step is not None:
+            rows = torch.tensor([s.slot for s in batch], device=self.device)
+            logits = self.fast_step(tokens, lengths, self.cache, lengths=lengths, rows=rows)
+        else:
+            logits = self._generic_step(batch, tokens, lengths)
+        for s in batch:
+            s.length += 1
+        self._advance(batch, logits.float())
+        if self.on_step is not None:
+            self.on_step(len(batch))
+        with self._lock:
+            self.running = [s for s in self.running if s.finish_reason is None]
+
+    def _generic_step(self, batch, tokens, lengths) -> torch.Tensor:
+        """Every slot through the model's static decode step; rows not in the batch write to the
+        spare last position and attend only to it."""
+        P, S = self.parallel, self.context + 1
+        slots = torch.tensor([s.slot for s in batch], device=self.device)
+        ids = torch.zeros(P, dtype=torch.long, device=self.device)
+        where = torch.full((P,), S - 1, dtype=torch.long, device=self.device)
+        ids[slots], where[slots] = tokens, lengths
+        positions = torch.where(where == S - 1, 0, where)
+        key_mask = torch.arange(S, device=self.device)[None] <= where[:, None]
+        key_mask[:, S - 1] = where == S - 1  # the spare position: only for rows outside the batch
+        logits = self.model.decode_step(ids[:, None], positions[:, None], where[:, None], key_mask, self.cache)
+        return logits[slots, -1]
+
+    def _advance(self, batch: list[_Sequence], logits: torch.Tensor) -> None:
+        """Pick each sequence's next token from its logits row and tell its request."""
+        now = time.monotonic()
+        for s, row in zip(batch, logits):
+            request, cfg = s.request, s.request.sampling
+            if request.cancelled:
+                s.finish_reason = "cancelled"
+                self._finish(s)
+                continue
+            row = self._shape_scores(s, row)
+            if cfg.temperature == 0:
+                token = int(row.argmax())
+            else:
+                warped = filter_logits(row[None], cfg.temperature, None, cfg.top_p)
+                token = int(torch.multinomial(warped.softmax(-1), 1, generator=s.generator))
+            logprob, top = None, []
+            if cfg.logprobs is not None:
+                logp = row.log_softmax(-1)
+                logprob = float(logp[token])
+                if cfg.logprobs:
+                    values, ids = logp.topk(cfg.logprobs)
+                    top = list(zip(ids.tolist(), values.tolist()))
+            s.tokens.append(token)
+            s.counts[token] = s.counts.get(token, 0) + 1
+            if request.first_token_at is None:
+                request.first_token_at = now
+            reason = None
+            if token in self.eos or token in cfg.stop_token_ids:
+                reason, text = "stop", ""
+            else:
+                text = s.tracker.push(token)
+                if s.tracker.stopped:
+                    reason = "stop"
+            if reason is None and (len(s.tokens) >= cfg.max_tokens or s.length >= self.context):
+                reason = "length"
+            if reason is not None:
+                text += s.tracker.flush()
+                s.finish_reason = reason
+            request.emit(Event("token", index=s.index, text=text, token_id=token, logprob=logprob,
+                               top_logprobs=top, finish_reason=reason))
+            if reason is not None:
+                self._finish(s)
+
+    def _shape_scores(self, s: _Sequence, row: torch.Tensor) -> torch.Tensor:
+        """OpenAI's logit_bias, presence and frequency penalties on one sequence's logits."""
+        cfg = s.request.sampling
+        if cfg.logit_bias:
+            row = row.clone()
+            ids = torch.tensor(list(cfg.logit_bias), device=row.device)
+            row[ids] += torch.tensor(list(cfg.logit_bias.values()), device=row.device)
+        if s.counts and (cfg.presence_penalty or cfg.frequency_penalty):
+            row = row.clone()
+            ids = torch.tensor(list(s.counts), device=row.device)
+            counts = torch.tensor(list(s.counts.values()), dtype=row.dtype, device=row.device)
+            row[ids] -= cfg.presence_penalty + cfg.frequency_penalty * counts
+        return row
+
+    def _finish(self, s: _Sequence) -> None:
+        with self._lock:
+            self.free.append(s.slot)
+        request = s.request
+        if not request.cancelled and all(q.finish_reason is not None for q in request.sequences):
+            request.emit(Event("done", prompt_tokens=len(request.prompt),
+                               completion_tokens=request.completion_tokens))
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _generator(seed: int, index: int, device) -> torch.Generator:
+    """Choice `index`'s own random stream: a seeded request draws the same tokens whatever runs
+    beside it and whichever slots its choices land in."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed + index * 0x9E3779B97F4A7C15) % 2**64)
+    return generator
