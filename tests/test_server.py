@@ -492,3 +492,39 @@ def test_serve_drains_on_sigterm(tmp_path, tokenizer):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_long_prompt_holds_up_running_streams_one_chunk_at_a_time(tokenizer, monkeypatch):
+    """While a 3-chunk prompt is prefilled, the running request gets a decode step after each
+    chunk; short prompts that arrive together start in one turn of the loop."""
+    from pocketlm.server import scheduler as module
+    from pocketlm.server.scheduler import Request, Sampling, Scheduler
+
+    monkeypatch.setattr(module, "PREFILL_CHUNK", 16)
+    scheduler = Scheduler(tiny_model(), tokenizer, parallel=8, context=256)
+    log = []
+    prefill, decode = scheduler._prefill_chunk, scheduler._decode_step
+    monkeypatch.setattr(scheduler, "_prefill_chunk", lambda r: (log.append(("prefill", len(r.prompt))), prefill(r)))
+    monkeypatch.setattr(scheduler, "_decode_step", lambda: (log.append(("decode", len(scheduler.running))), decode()))
+    done = threading.Semaphore(0)
+
+    def emit(event):
+        if event.kind != "token":
+            done.release()
+    long_prompt = (tokenizer.encode("the user asks and the assistant answers") * 10)[:40]  # chunks 16, 16, 8
+    scheduler.submit(Request(tokenizer.encode("kindly"), Sampling(max_tokens=30, temperature=0), emit))
+    scheduler.start()
+    while not scheduler.running:
+        time.sleep(0.001)
+    scheduler.submit(Request(long_prompt, Sampling(max_tokens=2, temperature=0), emit))
+    for p in ("a", "b", "c"):
+        scheduler.submit(Request(tokenizer.encode(p), Sampling(max_tokens=2, temperature=0), emit))
+    for _ in range(5):
+        assert done.acquire(timeout=60)
+    scheduler.stop()
+    long_chunks = [i for i, (kind, size) in enumerate(log) if kind == "prefill" and size == 40]
+    assert len(long_chunks) == 3
+    for a, b in zip(long_chunks, long_chunks[1:]):
+        assert ("decode", 1) in log[a + 1:b]  # the running request moved on between chunks
+    shorts = [i for i, (kind, size) in enumerate(log) if kind == "prefill" and size < 5][1:]  # after "kindly"
+    assert shorts == [shorts[0], shorts[0] + 1, shorts[0] + 2]  # one turn: no decode step between them

@@ -4,8 +4,9 @@ The cache has `parallel` slots (rows), each holding one sequence at its own leng
 takes one slot per choice (`n`); its prompt is prefilled into its first slot PREFILL_CHUNK tokens
 at a time and copied to the others, then its sequences join the running batch, which advances
 every sequence by one token per decode step. Between steps the loop admits waiting requests,
-runs at most one prefill chunk (so a new prompt stalls running streams for one chunk at most) and
-drops finished or cancelled sequences, whose slots go straight back to the pool.
+prefills prompt chunks worth one chunk of tokens at most (so a new prompt stalls running streams
+for one chunk at most, and many short prompts start together) and drops finished or cancelled
+sequences, whose slots go straight back to the pool.
 
 The loop runs on a thread of its own; requests talk to it through `submit` and `cancel`, and it
 answers through each request's `emit` callback (the HTTP layer hands it to its event loop). On a
@@ -217,8 +218,7 @@ class Scheduler:
                     self._drop_cancelled()
                     self._admit()
                 with torch.inference_mode():
-                    if self.prefilling:
-                        self._prefill_chunk(self.prefilling[0])
+                    self._prefill()
                     if self.running:
                         self._decode_step()
         except Exception as e:  # a bug or an out-of-memory: fail every request rather than hang them
@@ -261,6 +261,20 @@ class Scheduler:
             request.sequences = [_Sequence(request, i, self.free.pop(), TextTracker(self.tokenizer, s.stop),
                                            _generator(seed, i, self.device)) for i in range(s.n)]
             self.prefilling.append(request)
+
+    def _prefill(self) -> None:
+        """Prompt chunks for this turn of the loop: the next one, then more (of this request or
+        the next ones) while together they stay within one chunk's worth of tokens, so many
+        short prompts start in one turn and a long one holds up the batch for one chunk at most.
+        Chunk boundaries stay at multiples of PREFILL_CHUNK, as the Generator's."""
+        used = 0
+        while self.prefilling:
+            request = self.prefilling[0]
+            size = min(len(request.prompt), request.prefilled + PREFILL_CHUNK) - request.prefilled
+            if used and used + size > PREFILL_CHUNK:
+                return
+            self._prefill_chunk(request)
+            used += size
 
     def _prefill_chunk(self, request: Request) -> None:
         first = request.sequences[0]
