@@ -528,3 +528,23 @@ def test_a_long_prompt_holds_up_running_streams_one_chunk_at_a_time(tokenizer, m
         assert ("decode", 1) in log[a + 1:b]  # the running request moved on between chunks
     shorts = [i for i, (kind, size) in enumerate(log) if kind == "prefill" and size < 5][1:]  # after "kindly"
     assert shorts == [shorts[0], shorts[0] + 1, shorts[0] + 2]  # one turn: no decode step between them
+
+
+def test_a_failing_model_fails_requests_and_health(tokenizer, monkeypatch):
+    """If the loop dies (here: the model raises), running requests get an error, later ones 503,
+    and /health says failed instead of ok; nothing hangs."""
+    service = Service(MODEL, tiny_model(), tokenizer, parallel=2, context=128)
+    server = LiveServer(create_app(service))
+    try:
+        def broken(*args, **kwargs):
+            raise RuntimeError("simulated failure")
+        monkeypatch.setattr(service.scheduler, "_decode_step", broken)
+        status, _, body = post(server, "/v1/completions", {"model": MODEL, "prompt": "the user", "max_tokens": 5})
+        assert status == 500 and "simulated failure" in body["error"]["message"]
+        status, _, body = post(server, "/v1/completions", {"model": MODEL, "prompt": "the user", "max_tokens": 5})
+        assert status == 503
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(server.url + "/health", timeout=10)
+        assert e.value.code == 503 and json.loads(e.value.read())["status"] == "failed"
+    finally:
+        server.stop()

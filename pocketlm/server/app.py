@@ -197,10 +197,12 @@ def create_app(service: Service | Callable[[], Service], *, api_key: str | None 
 
     @app.get("/health")
     async def health():
-        if state["service"] is None:
-            status = "failed" if state["failed"] else "loading"
-            return JSONResponse({"status": status}, status_code=503)
-        return {"status": "ok", "model": state["service"].name}
+        svc = state["service"]
+        if svc is None or svc.scheduler.failed:
+            status = "failed" if state["failed"] or svc is not None else "loading"
+            return JSONResponse({"status": status, "error": state["failed"] or (svc and svc.scheduler.failed)},
+                                status_code=503)
+        return {"status": "ok", "model": svc.name}
 
     @app.get("/metrics")
     async def metrics(http: HTTPRequest):

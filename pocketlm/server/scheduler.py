@@ -138,6 +138,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._draining = False
+        self.failed: str | None = None  # why the loop died, if it did (health then says so)
 
     # --- the requests' side -------------------------------------------------------------------
 
@@ -223,7 +224,8 @@ class Scheduler:
                         self._decode_step()
         except Exception as e:  # a bug or an out-of-memory: fail every request rather than hang them
             log.exception("the scheduler stopped")
-            self._fail_all(f"the server failed while generating: {type(e).__name__}: {e}")
+            self.failed = f"the server failed while generating: {type(e).__name__}: {e}"
+            self._fail_all(self.failed)
             return
         self._fail_all("the server is shutting down")
 
