@@ -161,12 +161,14 @@ def create_app(service: Service | Callable[[], Service], *, api_key: str | None 
                 raise InvalidRequest(f"the body is over this server's limit of {max_body:,} bytes", status=413)
         return protocol.parse_json(bytes(raw))
 
-    def route(path: str, name: str, handler):
+    def route(path: str, name: str, handler, method: str = "POST"):
+        """An API route: the key checked, the model ready, a POST's body read as JSON, every
+        refusal in OpenAI's error shape, and the outcome counted in /metrics."""
         async def endpoint(http: HTTPRequest):
             try:
                 authorize(http)
                 svc = ready()
-                body = await read_body(http)
+                body = await read_body(http) if method == "POST" else {}
                 response = await handler(http, svc, body)
             except InvalidRequest as e:
                 return error(e, name)
@@ -179,21 +181,21 @@ def create_app(service: Service | Callable[[], Service], *, api_key: str | None 
                 return error(InvalidRequest(str(e)), name)
             svc.metrics.request(name, 200)
             return response
-        app.add_api_route(path, endpoint, methods=["POST"], name=name)
+        app.add_api_route(path, endpoint, methods=[method], name=name)
+
+    async def _models(http, svc: Service, body: dict):
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": svc.created, "owned_by": "pocketlm"}
+                                           for n in svc.served]}
+
+    async def _metrics(http, svc: Service, body: dict):
+        return PlainTextResponse(svc.metrics.render(svc.scheduler.queue_depth, svc.scheduler.active),
+                                 media_type="text/plain; version=0.0.4")
 
     route("/v1/chat/completions", "chat", lambda http, svc, body: _chat(http, svc, body))
     route("/v1/completions", "completions", lambda http, svc, body: _completions(http, svc, body))
     route("/v1/embeddings", "embeddings", lambda http, svc, body: _embeddings(svc, body))
-
-    @app.get("/v1/models")
-    async def models(http: HTTPRequest):
-        try:
-            authorize(http)
-            svc = ready()
-        except InvalidRequest as e:
-            return error(e, "models")
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": svc.created, "owned_by": "pocketlm"}
-                                           for n in svc.served]}
+    route("/v1/models", "models", _models, method="GET")
+    route("/metrics", "metrics", _metrics, method="GET")
 
     @app.get("/health")
     async def health():
@@ -203,16 +205,6 @@ def create_app(service: Service | Callable[[], Service], *, api_key: str | None 
             return JSONResponse({"status": status, "error": state["failed"] or (svc and svc.scheduler.failed)},
                                 status_code=503)
         return {"status": "ok", "model": svc.name}
-
-    @app.get("/metrics")
-    async def metrics(http: HTTPRequest):
-        try:
-            authorize(http)
-            svc = ready()
-        except InvalidRequest as e:
-            return error(e, "metrics")
-        return PlainTextResponse(svc.metrics.render(svc.scheduler.queue_depth, svc.scheduler.active),
-                                 media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def page():
