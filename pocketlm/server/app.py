@@ -45,18 +45,20 @@ DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks its 
 
 @dataclass
 class Embedder:
-    """A decoder model used for /v1/embeddings: mean of its final hidden states over the input."""
+    """A decoder model used for /v1/embeddings: mean of its final hidden states over the input.
+    It runs on the scheduler's thread (Scheduler.call), between decode steps."""
     name: str
     model: Any
     tokenizer: Any
-    lock: threading.Lock
 
     @torch.inference_mode()
-    def embed(self, ids: list[int]) -> list[float]:
-        with self.lock:
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        vectors = []
+        for ids in inputs:
             x = torch.tensor([ids], device=self.model.device)
             out = self.model(x, output_hidden_states=True, logits_to_keep=1)
-            return out.hidden_states[-1][0].float().mean(0).tolist()
+            vectors.append(out.hidden_states[-1][0].float().mean(0).tolist())
+        return vectors
 
 
 class Service:
@@ -70,7 +72,7 @@ class Service:
         if context is not None and context > window:
             raise ConfigError(f"--ctx {context} is more than the model's context window of {window} tokens")
         self.scheduler = Scheduler(model, tokenizer, parallel=parallel, max_queue=max_queue, context=self.context)
-        self.embedder = embedder or Embedder(name, model, tokenizer, threading.Lock())
+        self.embedder = embedder or Embedder(name, model, tokenizer)
         self.metrics = Metrics()
         self.created = int(time.time())
 
@@ -83,7 +85,7 @@ class Service:
         embedder = None
         if embedding_model is not None:
             m, t = load_model_and_tokenizer(embedding_model, device=device, dtype=dtype)
-            embedder = Embedder(_served_name(embedding_model, resolve), m.eval(), t, threading.Lock())
+            embedder = Embedder(_served_name(embedding_model, resolve), m.eval(), t)
         return cls(_served_name(model, resolve), loaded, tokenizer, embedder=embedder, **options)
 
     @property
@@ -105,14 +107,16 @@ def create_app(service: Service | Callable[[], Service], *, api_key: str | None 
     /health answering 503 until it returns)."""
     state: dict[str, Any] = {"service": service if isinstance(service, Service) else None, "failed": None}
 
-    def load_in_background():
+    def load_in_background():  # then run the scheduler on this thread, the one that loaded the model
         try:
-            state["service"] = service()
-            state["service"].scheduler.start()
-            log.info("ready: serving %s", state["service"].name)
+            loaded = service()
         except (PocketLMError, OSError) as e:
             state["failed"] = str(e)
             log.error("pocketlm: error: %s", e)
+            return
+        state["service"] = loaded
+        log.info("ready: serving %s", loaded.name)
+        loaded.scheduler.run()
 
     @asynccontextmanager
     async def lifespan(app):
@@ -322,12 +326,10 @@ def create_app(service: Service | Callable[[], Service], *, api_key: str | None 
         embedder = svc.embedder
         name = protocol.check_model(body, svc.served) if body.get("model") is not None else embedder.name
         if name != embedder.name:
-            embedder = Embedder(svc.name, svc.model, svc.tokenizer, svc.embedder.lock)
+            embedder = Embedder(svc.name, svc.model, svc.tokenizer)
         inputs = protocol.embedding_inputs(body, embedder.tokenizer, embedder.model.config.vocab_size,
                                            embedder.model.config.max_position)
-        vectors = []
-        for ids in inputs:
-            vectors.append(await asyncio.to_thread(embedder.embed, ids))
+        vectors = await asyncio.wrap_future(svc.scheduler.call(embedder.embed, inputs))
         as_base64 = body.get("encoding_format") == "base64"
         data = [{"object": "embedding", "index": i,
                  "embedding": _base64_floats(v) if as_base64 else v} for i, v in enumerate(vectors)]

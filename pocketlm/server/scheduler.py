@@ -8,7 +8,11 @@ prefills prompt chunks worth one chunk of tokens at most (so a new prompt stalls
 for one chunk at most, and many short prompts start together) and drops finished or cancelled
 sequences, whose slots go straight back to the pool.
 
-The loop runs on a thread of its own; requests talk to it through `submit` and `cancel`, and it
+The loop runs on one thread, the only one that touches the model (`call` hands it other work,
+such as embeddings, to run between steps): torch's OpenMP threads spin-wait for the next parallel
+region only while no more threads exist than cores, and a second thread using the model would
+create a second team and halve the decode speed on a small machine. `serve` loads the model on
+the thread that then runs the loop. Requests talk to the loop through `submit` and `cancel`, and it
 answers through each request's `emit` callback (the HTTP layer hands it to its event loop). On a
 quantized CPU model every decode step runs through the block kernels with each row at its own
 slot and length (kernels.decode_layer's lengths/rows): rows are computed independently, so a
@@ -23,6 +27,7 @@ import random
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -139,6 +144,8 @@ class Scheduler:
         self._stopping = False
         self._draining = False
         self.failed: str | None = None  # why the loop died, if it did (health then says so)
+        self._threads = torch.get_num_threads()
+        self._jobs: deque[tuple[Callable, tuple, Future]] = deque()
 
     # --- the requests' side -------------------------------------------------------------------
 
@@ -159,6 +166,17 @@ class Scheduler:
                                      f"{self.max_queue}); try again shortly")
             self.waiting.append(request)
             self._lock.notify()
+
+    def call(self, fn: Callable, *args) -> Future:
+        """Run fn(*args) on the loop's thread between two steps; its result or error arrives in
+        the returned Future."""
+        future: Future = Future()
+        with self._lock:
+            if self._stopping:
+                raise ShuttingDownError("the server is shutting down and takes no new requests")
+            self._jobs.append((fn, args, future))
+            self._lock.notify()
+        return future
 
     def cancel(self, request: Request) -> None:
         """Stop a request (its client went away): its slots are freed before the next step."""
@@ -181,8 +199,14 @@ class Scheduler:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="pocketlm-scheduler", daemon=True)
+        """Run the loop on a new thread."""
+        self._thread = threading.Thread(target=self.run, name="pocketlm-scheduler", daemon=True)
         self._thread.start()
+
+    def run(self) -> None:
+        """Run the loop on this thread until stop() (best: the thread that loaded the model)."""
+        self._thread = threading.current_thread()
+        self._loop()
 
     def drain(self, timeout: float) -> bool:
         """Take no new requests, let running and queued ones finish for up to `timeout` seconds,
@@ -203,21 +227,30 @@ class Scheduler:
         with self._lock:
             self._stopping = True
             self._lock.notify()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
     # --- the loop -----------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        torch.set_num_threads(self._threads)  # OpenMP's team size is per thread: give this one the caller's
         try:
             while True:
                 with self._lock:
-                    while not self._stopping and not (self.waiting or self.prefilling or self.running):
+                    while not self._stopping and not (self.waiting or self.prefilling or self.running or self._jobs):
                         self._lock.wait()
                     if self._stopping:
                         break
                     self._drop_cancelled()
                     self._admit()
+                    jobs = list(self._jobs)
+                    self._jobs.clear()
+                for fn, args, future in jobs:
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn(*args))
+                        except Exception as e:  # the job's own failure (a bad input): its caller's to report
+                            future.set_exception(e)
                 with torch.inference_mode():
                     self._prefill()
                     if self.running:
@@ -236,7 +269,11 @@ class Scheduler:
             self.waiting.clear()
             self.prefilling.clear()
             self.running.clear()
+            jobs = list(self._jobs)
+            self._jobs.clear()
             self._stopping = True
+        for _, _, future in jobs:
+            future.cancel()
         for request in requests:
             request.emit(Event("error", message=message))
 
