@@ -120,6 +120,7 @@ def create_app(service: Service | Callable[[], Service], *, api_key: str | None 
 
     @asynccontextmanager
     async def lifespan(app):
+        state["relay"] = _Relay(asyncio.get_running_loop())
         if state["service"] is not None:
             state["service"].scheduler.start()
         else:
@@ -251,17 +252,12 @@ def create_app(service: Service | Callable[[], Service], *, api_key: str | None 
         return await _generate(http, svc, gen, planned, chat=False, echo=echo)
 
     async def _generate(http, svc: Service, gen, prompts, *, chat: bool, echo: bool = False):
-        loop = asyncio.get_running_loop()
+        relay = state["relay"]
         events: asyncio.Queue = asyncio.Queue()
         requests = []
 
         def sender(i):
-            def emit(event: Event):
-                try:
-                    loop.call_soon_threadsafe(events.put_nowait, (i, event))
-                except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-                    pass
-            return emit
+            return lambda event: relay.post(events, (i, event))
 
         try:
             for i, (_, ids, sampling) in enumerate(prompts):
@@ -339,6 +335,31 @@ def create_app(service: Service | Callable[[], Service], *, api_key: str | None 
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     return app
+
+
+class _Relay:
+    """Hands the scheduler thread's events to the event loop with one wake-up per batch of them
+    (a decode step emits one per running sequence), not one per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.pending, self.lock, self.scheduled = loop, [], threading.Lock(), False
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            pass
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.pending, self.scheduled = self.pending, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 _PAGE_HEADERS = {  # the page loads nothing from elsewhere and runs only its own script
