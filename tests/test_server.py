@@ -548,3 +548,23 @@ def test_a_failing_model_fails_requests_and_health(tokenizer, monkeypatch):
         assert e.value.code == 503 and json.loads(e.value.read())["status"] == "failed"
     finally:
         server.stop()
+
+
+def test_echo_bias_and_penalties_do_what_they_say(client, tokenizer):
+    echoed = client.completions.create(model=MODEL, prompt="the user asks", max_tokens=4, temperature=0, echo=True)
+    plain = client.completions.create(model=MODEL, prompt="the user asks", max_tokens=4, temperature=0)
+    assert echoed.choices[0].text == "the user asks" + plain.choices[0].text
+    forced = tokenizer.convert_tokens_to_ids("the")
+    biased = client.completions.create(model=MODEL, prompt="kindly", max_tokens=5, temperature=0,
+                                       logit_bias={str(forced): 100}, logprobs=0)
+    assert biased.choices[0].logprobs.tokens == [tokenizer.decode([forced])] * 5
+    # greedy answers of a random model repeat themselves; a frequency penalty makes them vary
+    free = client.completions.create(model=MODEL, prompt="the user", max_tokens=24, temperature=0, logprobs=0)
+    penalised = client.completions.create(model=MODEL, prompt="the user", max_tokens=24, temperature=0, logprobs=0,
+                                          frequency_penalty=2.0, presence_penalty=2.0)
+    assert len(set(penalised.choices[0].logprobs.tokens)) > len(set(free.choices[0].logprobs.tokens))
+
+
+def test_a_chat_template_in_a_request_is_refused(live):
+    status, _, body = post(live, "/v1/chat/completions", {**CHAT, "chat_template": "{{ 7 * 7 }}"})
+    assert status == 400 and body["error"]["param"] == "chat_template"

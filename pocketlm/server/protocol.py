@@ -22,7 +22,8 @@ MAX_EMBEDDING_INPUTS = 256
 DEFAULT_COMPLETION_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 REFUSED = {"tools": "tool calls", "functions": "function calls", "tool_choice": "tool calls",
-           "function_call": "function calls", "audio": "audio output", "prediction": "predicted outputs"}
+           "function_call": "function calls", "audio": "audio output", "prediction": "predicted outputs",
+           "chat_template": "chat templates from requests (the server uses the model's own)"}
 
 
 class InvalidRequest(Exception):
