@@ -47,11 +47,15 @@ def main() -> None:
         stop(server)
     growth = (rss_end - rss_start) / rss_start * 100
     lines = [f"Machine: {machine_description(None, ('torch',))}. Measured {datetime.date.today()}, "
-             f"{Path(model).name}, --parallel {args.parallel}, {args.tokens} tokens per request, sampled.", "",
+             f"{Path(model).name}, --parallel {args.parallel}, max_tokens {args.tokens}, sampled at temperature 0.8 "
+             "(answers end at EOS or max_tokens; with --parallel slots busy the other clients queue, which is "
+             "what the time to first token shows).", "",
              f"    {command_line()}", "",
-             "| clients | seconds | requests | errors | TTFT p50 ms | TTFT p99 ms | aggregate tok/s | RSS start → end MB |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| {args.clients} | {seconds:.0f} | {result.requests} | {len(result.errors)} | "
+             "| clients | seconds | requests (per s) | tokens per answer | errors | TTFT p50 ms | TTFT p99 ms | "
+             "aggregate tok/s | RSS start → end MB |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| {args.clients} | {seconds:.0f} | {result.requests} ({result.requests / seconds:.1f}) | "
+             f"{result.tokens / max(1, result.requests):.1f} | {len(result.errors)} | "
              f"{median(result.ttft) * 1000:.0f} | {percentile(result.ttft, 99) * 1000:.0f} | "
              f"{result.tokens / seconds:.1f} | {rss_start:.0f} → {rss_end:.0f} ({growth:+.1f}%) |"]
     if result.errors:

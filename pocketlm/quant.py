@@ -122,10 +122,9 @@ class QuantizedLinear(nn.Module):
 def _identity(t: torch.Tensor) -> tuple:
     """Where a tensor's values live and how often they were changed in place (tensors made under
     inference_mode keep no count: their identity is where they live)."""
-    try:
-        return t.data_ptr(), t._version
-    except RuntimeError:
+    if t.is_inference():  # asked first: reading _version of such a tensor raises, and raising is slow
         return t.data_ptr(), None
+    return t.data_ptr(), t._version
 
 
 class QuantizedEmbedding(QuantizedLinear):

@@ -568,3 +568,21 @@ def test_echo_bias_and_penalties_do_what_they_say(client, tokenizer):
 def test_a_chat_template_in_a_request_is_refused(live):
     status, _, body = post(live, "/v1/chat/completions", {**CHAT, "chat_template": "{{ 7 * 7 }}"})
     assert status == 400 and body["error"]["param"] == "chat_template"
+
+
+def test_sampling_follows_the_distribution():
+    """The scheduler's inverse-transform sampler against the distribution it samples (a chi-square
+    bound far past chance), zero-probability tokens never drawn, and a seed repeats its draws."""
+    from pocketlm.server.scheduler import sample
+
+    probs = torch.tensor([0.5, 0.0, 0.25, 0.125, 0.125, 0.0])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([sample(probs, g) for _ in range(8000)])
+    counts = torch.bincount(draws, minlength=6).double()
+    assert counts[1] == 0 and counts[5] == 0
+    expected = probs.double() * 8000
+    live = expected > 0
+    chi2 = float(((counts[live] - expected[live]) ** 2 / expected[live]).sum())
+    assert chi2 < 30  # 3 degrees of freedom: p < 1e-5 past this
+    again = torch.Generator().manual_seed(0)
+    assert [sample(probs, again) for _ in range(50)] == draws[:50].tolist()
