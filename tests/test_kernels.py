@@ -230,8 +230,8 @@ def _run_layer(fn, x, w, eps, cos, sin, k_cache, v_cache, n, H, K, key_mask):
               k_cache, v_cache, n, H, K, key_mask)
 
 
-def _layer_case(B, H, K, n, cache_dtype, masked, bits=4, seed=0):
-    C, D, I, S = 64, 32, 96, n + 3
+def _layer_case(B, H, K, n, cache_dtype, masked, bits=4, seed=0, D=32):
+    C, I, S = 64, 96, n + 3
     w = _layer(C, H, K, D, I, bits, seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(B, C, generator=g)
@@ -246,13 +246,17 @@ def _layer_case(B, H, K, n, cache_dtype, masked, bits=4, seed=0):
     return x, w, cos, sin, k_cache, v_cache, key_mask
 
 
-LAYER_CASES = [(0, 9, 3, torch.float32, False), (5, 9, 3, torch.float16, True), (300, 4, 4, torch.float32, True),
-               (300, 9, 3, torch.float16, False), (1100, 9, 3, torch.float32, True), (1100, 2, 2, torch.float16, True)]
+# head_dim 32 runs the generic attention; 64 and 128 the AVX-512 register version (SmolLM2, Llama)
+LAYER_CASES = [(0, 9, 3, torch.float32, False, 32), (5, 9, 3, torch.float16, True, 32),
+               (300, 4, 4, torch.float32, True, 32), (300, 9, 3, torch.float16, False, 32),
+               (1100, 9, 3, torch.float32, True, 32), (1100, 2, 2, torch.float16, True, 32),
+               (130, 9, 3, torch.float16, True, 64), (700, 9, 3, torch.float32, False, 64),
+               (65, 8, 2, torch.float16, False, 128), (300, 12, 1, torch.float16, True, 64)]
 
 
-@pytest.mark.parametrize("n,H,K,cache_dtype,masked", LAYER_CASES)
-def test_decode_layer_matches_reference(n, H, K, cache_dtype, masked):
-    x, w, cos, sin, k_cache, v_cache, key_mask = _layer_case(2, H, K, n, cache_dtype, masked)
+@pytest.mark.parametrize("n,H,K,cache_dtype,masked,D", LAYER_CASES)
+def test_decode_layer_matches_reference(n, H, K, cache_dtype, masked, D):
+    x, w, cos, sin, k_cache, v_cache, key_mask = _layer_case(2, H, K, n, cache_dtype, masked, D=D)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     expected = _reference_layer(x, w, 1e-5, cos, sin, k_ref, v_ref, n, H, K, key_mask)
     implementations = [fallback.decode_layer] + ([kernels.decode_layer] if _module() is not None else [])
@@ -272,7 +276,7 @@ def test_decode_layer_matches_reference(n, H, K, cache_dtype, masked):
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 def test_decode_layer_is_batch_and_thread_invariant(cache_dtype, threads):
     n, H, K = 600, 9, 3
-    x, w, cos, sin, k_cache, v_cache, key_mask = _layer_case(8, H, K, n, cache_dtype, True, seed=5)
+    x, w, cos, sin, k_cache, v_cache, key_mask = _layer_case(8, H, K, n, cache_dtype, True, seed=5, D=64)
     torch.set_num_threads(1)
     alone = _run_layer(kernels.decode_layer, x[:1], w, 1e-5, cos[:1], sin[:1], k_cache[:1].clone(),
                        v_cache[:1].clone(), n, H, K, key_mask[:1])
@@ -289,7 +293,7 @@ def test_decode_layer_rows_of_different_lengths(cache_dtype):
     gives what that row gives alone in a cache of its own; the compiled kernel bit for bit, the
     fallback within rounding; cache rows not in the batch stay untouched."""
     H, K = 9, 3
-    x, w, cos, sin, k_cache, v_cache, _ = _layer_case(3, H, K, 700, cache_dtype, False, seed=7)
+    x, w, cos, sin, k_cache, v_cache, _ = _layer_case(3, H, K, 700, cache_dtype, False, seed=7, D=64)
     lengths, rows = torch.tensor([700, 3, 130]), torch.tensor([4, 0, 2])  # cache rows 1, 3 idle
     k_big = torch.randn(5, K, 800, cos.shape[1]).to(cache_dtype)
     v_big = torch.randn(5, K, 800, cos.shape[1]).to(cache_dtype)
