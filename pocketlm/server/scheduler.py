@@ -375,21 +375,22 @@ class Scheduler:
     def _advance(self, batch: list[_Sequence], logits: torch.Tensor) -> None:
         """Pick each sequence's next token from its logits row and tell its request."""
         now = time.monotonic()
-        for s, row in zip(batch, logits):
+        best = logits.argmax(-1).tolist()  # one call for the rows whose scores need no shaping
+        for s, row, plain_best in zip(batch, logits, best):
             request, cfg = s.request, s.request.sampling
             if request.cancelled:
                 s.finish_reason = "cancelled"
                 self._finish(s)
                 continue
-            row = self._shape_scores(s, row)
+            shaped = self._shape_scores(s, row)
             if cfg.temperature == 0:
-                token = int(row.argmax())
+                token = plain_best if shaped is row else int(shaped.argmax())
             else:
-                warped = filter_logits(row[None], cfg.temperature, None, cfg.top_p)
+                warped = filter_logits(shaped[None], cfg.temperature, None, cfg.top_p)
                 token = sample(warped[0].softmax(-1), s.generator)
             logprob, top = None, []
             if cfg.logprobs is not None:
-                logp = row.log_softmax(-1)
+                logp = shaped.log_softmax(-1)
                 logprob = float(logp[token])
                 if cfg.logprobs:
                     values, ids = logp.topk(cfg.logprobs)
