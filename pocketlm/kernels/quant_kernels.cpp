@@ -1105,14 +1105,16 @@ int64_t parallel_threads() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pocketlm CPU kernels for int4/int8 blocked weights";
   m.attr("path") = kernel_path();
-  m.def("linear", &linear, "blocked quantized linear", py::arg("x"), py::arg("q"), py::arg("scale"),
+  // the kernels run without the GIL: a server's other Python threads go on meanwhile
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("linear", &linear, "blocked quantized linear", nogil, py::arg("x"), py::arg("q"), py::arg("scale"),
         py::arg("offset") = py::none(), py::arg("bias") = py::none(), py::arg("tiles") = py::none());
-  m.def("tile_scales", &tile_scales, "scales (and offsets) regrouped by output tile for linear",
+  m.def("tile_scales", &tile_scales, "scales (and offsets) regrouped by output tile for linear", nogil,
         py::arg("scale"), py::arg("offset") = py::none());
-  m.def("linear16", &linear16, "blocked quantized linear, activations quantized to int16 per block",
+  m.def("linear16", &linear16, "blocked quantized linear, activations quantized to int16 per block", nogil,
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("offset") = py::none(), py::arg("bias") = py::none(),
         py::arg("tiles") = py::none());
-  m.def("decode_layer", &decode_layer, "one decoder layer for one new token per row", py::arg("x"), py::arg("norm1"),
+  m.def("decode_layer", &decode_layer, "one decoder layer for one new token per row", nogil, py::arg("x"), py::arg("norm1"),
         py::arg("qkv"), py::arg("o"), py::arg("norm2"), py::arg("gate_up"), py::arg("down"), py::arg("eps"),
         py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("n"), py::arg("n_head"),
         py::arg("n_kv_head"), py::arg("key_mask") = py::none(), py::arg("lengths") = py::none(),
