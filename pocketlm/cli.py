@@ -324,6 +324,9 @@ def cmd_serve(args) -> int:
                                   ("--ctx", args.ctx, 2), ("--port", args.port, 0)):
         if value is not None and value < smallest:
             raise ConfigError(f"{flag} must be at least {smallest}, got {value}")
+    if args.port > 65535:
+        raise ConfigError(f"--port must be at most 65535, got {args.port}")
+    _check_address(args.host, args.port)  # a port in use fails now, not after loading the model
     if args.model == registry.DEFAULT_CHAT_MODEL and not registry.is_pulled(args.model):
         print(f"{args.model} is not on this machine yet; pulling it first (about "
               f"{registry.entry(args.model).size / 2**20:.0f} MB, once)", file=sys.stderr)
@@ -347,6 +350,23 @@ def cmd_serve(args) -> int:
                             timeout_graceful_shutdown=args.grace)
     _DrainingServer(config).run()
     return 0
+
+
+def _check_address(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host!r} is not an address of this machine: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port "
+                              "(or stop what is using it)") from None
 
 
 def _uvicorn_server_class():

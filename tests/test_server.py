@@ -586,3 +586,19 @@ def test_sampling_follows_the_distribution():
     assert chi2 < 30  # 3 degrees of freedom: p < 1e-5 past this
     again = torch.Generator().manual_seed(0)
     assert [sample(probs, again) for _ in range(50)] == draws[:50].tolist()
+
+
+def test_serve_refuses_bad_flags_before_loading(capsys):
+    from pocketlm.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for argv, message in ((["--port", "70000"], "--port must be at most 65535"),
+                              (["--parallel", "0"], "--parallel must be at least 1"),
+                              (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
+                              (["no-such-model", "--port", "0"], "is not a local folder or file")):
+            assert main(["serve", *argv]) == 2
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err, err
