@@ -7,7 +7,8 @@ run on one machine; plus p50/p99 time to first token. Each server runs alone, in
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
     cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \\
         && cmake --build build --target llama-server -j2
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/server.py --llama-server PATH/TO/llama-server [--write docs/benchmarks.md]
+    ln -s "$PWD/build/bin/llama-server" ../../../../.venv-llamacpp/bin/   # where this script looks for it
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/server.py [--llama-server PATH] [--write docs/benchmarks.md]
 
 Every request streams /v1/completions with 128 new tokens (greedy, EOS forbidden through
 logit_bias so every answer has the same length) after a distinct ~12-token prompt; each of the N
@@ -25,6 +26,7 @@ from _common import command_line, machine_description, replace_section  # noqa: 
 from _load import free_port, median, percentile, run_clients, start, stop  # noqa: E402
 
 HEADING = "## Server: concurrent streams, pocketlm vs llama-server (bench/server.py)"
+LLAMA_SERVER = Path(__file__).resolve().parent.parent / ".venv-llamacpp" / "bin" / "llama-server"
 TOPICS = ["the history of printing", "how bread is made", "the moons of Jupiter", "why the sky is blue",
           "a day at the sea", "the rules of chess", "how bees make honey", "the first railways",
           "a recipe for soup", "the life of a river", "how clocks work", "the northern lights",
@@ -54,7 +56,9 @@ def measure(name: str, port: int, streams: list[int], tokens: int, rounds: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="GGUF file (default: the pulled smollm2-135m-instruct)")
-    parser.add_argument("--llama-server", help="path of llama.cpp's llama-server binary (omit: pocketlm only)")
+    parser.add_argument("--llama-server", default=str(LLAMA_SERVER),
+                        help="llama.cpp's llama-server binary (default: .venv-llamacpp/bin/llama-server; "
+                             "pocketlm only when it is missing)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per request")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
@@ -80,7 +84,7 @@ def main() -> None:
         results["pocketlm"] = measure("pocketlm", port, streams, args.tokens, args.rounds, eos)
     finally:
         stop(server)
-    if args.llama_server:
+    if Path(args.llama_server).exists():
         port = free_port()
         server = start([args.llama_server, "-m", str(model), "--port", str(port), "--parallel", str(parallel),
                         "-c", str(parallel * ctx), "-t", str(args.threads), "-tb", str(args.threads),
@@ -91,9 +95,16 @@ def main() -> None:
             stop(server)
 
     names = list(results)
+    peer = ""
+    if "llama-server" in results:
+        import subprocess
+
+        shown = subprocess.run([args.llama_server, "--version"], capture_output=True, text=True)
+        version = next((line for line in (shown.stderr + shown.stdout).splitlines() if line.startswith("version")), "")
+        peer = f" llama-server {version.removeprefix('version: ')} (llama.cpp vendored in llama-cpp-python 0.3.36)."
     lines = [f"Machine: {machine_description(None, ('torch',))}; {args.threads} threads each. "
              f"Measured {datetime.date.today()}, {model.name}, {args.tokens} new tokens per request, "
-             f"{args.rounds} requests per client.", "", f"    {command_line()}", "",
+             f"{args.rounds} requests per client.{peer}", "", f"    {command_line()}", "",
              "| streams | " + " | ".join(f"{n} tok/s ↑ | {n} TTFT p50 / p99 ms ↓" for n in names) +
              (" | pocketlm ÷ llama-server |" if len(names) > 1 else " |"),
              "|---" * (1 + 2 * len(names) + (len(names) > 1)) + "|"]
