@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from contextlib import asynccontextmanager
 import copy
 import hmac
 import logging
 import threading
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -79,21 +79,20 @@ class Service:
     @classmethod
     def load(cls, model: str, *, device=None, dtype=None, embedding_model: str | None = None, **options) -> "Service":
         from pocketlm.api import load_model_and_tokenizer
-        from pocketlm.registry import resolve
 
         loaded, tokenizer = load_model_and_tokenizer(model, device=device, dtype=dtype)
         embedder = None
         if embedding_model is not None:
             m, t = load_model_and_tokenizer(embedding_model, device=device, dtype=dtype)
-            embedder = Embedder(_served_name(embedding_model, resolve), m.eval(), t)
-        return cls(_served_name(model, resolve), loaded, tokenizer, embedder=embedder, **options)
+            embedder = Embedder(_served_name(embedding_model), m.eval(), t)
+        return cls(_served_name(model), loaded, tokenizer, embedder=embedder, **options)
 
     @property
     def served(self) -> list[str]:
         return [self.name] + ([self.embedder.name] if self.embedder.name != self.name else [])
 
 
-def _served_name(ref: str, resolve) -> str:
+def _served_name(ref: str) -> str:
     """A registry name as given; a path by its file or folder name."""
     path = Path(ref)
     return path.name if path.exists() else ref

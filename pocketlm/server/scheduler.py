@@ -118,8 +118,7 @@ class Scheduler:
         scheduler.stop()
     """
 
-    def __init__(self, model, tokenizer, *, parallel: int = 8, max_queue: int = 64, context: int = 2048,
-                 on_step: Callable[[int], None] | None = None):
+    def __init__(self, model, tokenizer, *, parallel: int = 8, max_queue: int = 64, context: int = 2048):
         if parallel < 1 or max_queue < 0 or context < 2:
             raise ConfigError(f"parallel ({parallel}) must be ≥ 1, max_queue ({max_queue}) ≥ 0 and context "
                               f"({context}) ≥ 2")
@@ -138,7 +137,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[Request] = deque()
         self.running: list[_Sequence] = []
-        self.on_step = on_step  # called with the batch size after each decode step (metrics)
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -353,8 +351,6 @@ class Scheduler:
         for s in batch:
             s.length += 1
         self._advance(batch, logits.float())
-        if self.on_step is not None:
-            self.on_step(len(batch))
         with self._lock:
             self.running = [s for s in self.running if s.finish_reason is None]
 
