@@ -148,7 +148,7 @@ class BertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) → last hidden states (B, T, C); attention_mask (B, T) is 0 at padding."""
-        c, (B, T) = self.config, input_ids.shape
+        c, T = self.config, input_ids.shape[1]
         if T > c.max_position_embeddings:
             raise ConfigError(f"{T} tokens is more than this encoder's {c.max_position_embeddings} positions; "
                               "split the text or let the caller truncate it")

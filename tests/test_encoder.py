@@ -3,9 +3,7 @@ registry's `minilm-l6`, pulled from its PyPI wheel) against sentence-transformer
 within 1e-4; damaged folders give clear errors."""
 
 import json
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,24 +15,6 @@ transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             max_position_embeddings=40, type_vocab_size=2, hidden_act="gelu", layer_norm_eps=1e-12)
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    """The real all-MiniLM-L6-v2 folder, pulled once through the registry into data/home."""
-    from pocketlm import registry
-
-    old = os.environ.get("POCKETLM_HOME")
-    os.environ["POCKETLM_HOME"] = str(Path(__file__).resolve().parent.parent / "data" / "home")
-    try:
-        return registry.pull("minilm-l6")
-    except registry.PullError as e:
-        pytest.fail(str(e))
-    finally:
-        if old is None:
-            del os.environ["POCKETLM_HOME"]
-        else:
-            os.environ["POCKETLM_HOME"] = old
 
 
 def _tiny_folder(tmp_path, act="gelu"):

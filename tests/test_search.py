@@ -12,7 +12,6 @@ from pocketlm.encoder import SentenceEncoder
 from pocketlm.errors import ConfigError, FormatError, NotFoundError
 from pocketlm.search import Chunk, Index, chunk_lines, read_documents
 
-from test_encoder import minilm  # noqa: F401  (the pulled all-MiniLM-L6-v2 folder)
 
 FACTS = [
     ("The lighthouse keeper's password is PELICAN-42.", "What is the password of the lighthouse keeper?"),
@@ -39,7 +38,7 @@ FACTS = [
 
 
 @pytest.fixture(scope="module")
-def encoder(minilm):  # noqa: F811
+def encoder(minilm):
     return SentenceEncoder.from_pretrained(minilm)
 
 
@@ -141,7 +140,7 @@ def test_index_round_trip_incremental_add_and_encoder_check(encoder, tmp_path):
     assert (tmp_path / "not-an-index" / "keep.txt").read_text() == "mine"
 
 
-def test_index_and_search_commands(minilm, tmp_path, capsys):  # noqa: F811
+def test_index_and_search_commands(minilm, tmp_path, capsys):
     from pocketlm.cli import main
 
     (tmp_path / "notes.md").write_text("# Notes\n\nThe spare car key is taped under the blue mailbox.\n\nMilk.\n")
