@@ -332,8 +332,11 @@ def cmd_serve(args) -> int:
         print(f"{args.model} is not on this machine yet; pulling it first (about "
               f"{registry.entry(args.model).size / 2**20:.0f} MB, once)", file=sys.stderr)
         registry.pull(args.model, progress=sys.stderr.isatty())
-    if args.model != registry.DEFAULT_CHAT_MODEL:
-        registry.resolve(args.model)  # a name or path that does not exist fails now, not in the background
+    if args.embedding_model == registry.DEFAULT_ENCODER and not registry.is_pulled(args.embedding_model):
+        registry.pull(args.embedding_model, progress=sys.stderr.isatty())
+    for ref in (args.model, args.embedding_model):  # a name or path that does not exist fails now, not later
+        if ref is not None and ref != registry.DEFAULT_CHAT_MODEL:
+            registry.resolve(ref)
     device = resolve_device(args.device)
 
     def load():
@@ -675,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, metavar="N",
                    help="tokens per sequence, prompt and answer (default: the model's window, at most 4096)")
     p.add_argument("--embedding-model", metavar="MODEL",
-                   help="serve /v1/embeddings from this model (default: the chat model)")
+                   help=f"serve /v1/embeddings from this model: a sentence encoder such as {DEFAULT_ENCODER}, or a "
+                        "decoder model (mean of its last hidden states); default: the chat model")
     p.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="seconds running requests get to finish on shutdown (default: 30)")
     p.set_defaults(func=cmd_serve)

@@ -262,7 +262,7 @@ class SentenceEncoder:
         tokenizer = Tokenizer.from_pretrained(transformer)
         return cls(model, tokenizer, pooling=pooling, normalize=normalize,
                    max_seq_length=max_len if isinstance(max_len, int) and max_len > 0 else None,
-                   name=str(source))
+                   name=ref.given)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, [CLS] ... [SEP], cut to max_seq_length (as sentence-transformers does)."""
@@ -276,12 +276,18 @@ class SentenceEncoder:
             out.append(ids)
         return out
 
-    @torch.inference_mode()
     def encode(self, texts: str | Sequence[str], batch_size: int = 32, normalize: bool | None = None) -> torch.Tensor:
         """(N, dimension) float32 embeddings (a single text gives (dimension,)). Texts are batched by
         length, so padding stays small."""
         single = isinstance(texts, str)
-        rows = self.tokenize([texts] if single else list(texts))
+        out = self.encode_ids(self.tokenize([texts] if single else list(texts)), batch_size, normalize)
+        return out[0] if single else out
+
+    @torch.inference_mode()
+    def encode_ids(self, rows: list[list[int]], batch_size: int = 32, normalize: bool | None = None) -> torch.Tensor:
+        """encode() for texts already tokenized ([CLS] ... [SEP], at most max_seq_length ids each)."""
+        if any(len(r) > self.max_seq_length for r in rows):
+            raise ConfigError(f"a text of more than {self.max_seq_length} tokens; this encoder reads at most that many")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         out = torch.empty(len(rows), self.dimension)
@@ -300,7 +306,7 @@ class SentenceEncoder:
             out[chosen] = pool(hidden, mask, self.pooling)
         if self.normalize if normalize is None else normalize:
             out = F.normalize(out, dim=-1)
-        return out[0] if single else out
+        return out
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

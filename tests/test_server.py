@@ -602,3 +602,24 @@ def test_serve_refuses_bad_flags_before_loading(capsys):
             assert main(["serve", *argv]) == 2
             err = capsys.readouterr().err
             assert message in err and "Traceback" not in err, err
+
+
+def test_embeddings_from_a_sentence_encoder(tokenizer, minilm):
+    """--embedding-model minilm-l6: /v1/embeddings gives the sentence encoder's vectors."""
+    from pocketlm.encoder import SentenceEncoder
+    from pocketlm.server.app import SentenceEmbedder
+
+    encoder = SentenceEncoder.from_pretrained(minilm)
+    service = Service(MODEL, tiny_model(), tokenizer, parallel=2, context=128,
+                      embedder=SentenceEmbedder("minilm", encoder))
+    server = LiveServer(create_app(service))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        assert sorted(m.id for m in client.models.list().data) == ["minilm", MODEL]
+        got = client.embeddings.create(model="minilm", input=["A cat sat on the mat.", "Stock prices fell."])
+        expected = encoder.encode(["A cat sat on the mat.", "Stock prices fell."])
+        torch.testing.assert_close(torch.tensor([d.embedding for d in got.data]), expected, rtol=0, atol=1e-6)
+        status, _, body = post(server, "/v1/embeddings", {"model": "minilm", "input": "word " * 300})
+        assert status == 400 and "at most 256" in body["error"]["message"]
+    finally:
+        server.stop()

@@ -51,6 +51,14 @@ class Embedder:
     model: Any
     tokenizer: Any
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @property
+    def window(self) -> int:
+        return self.model.config.max_position
+
     @torch.inference_mode()
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         vectors = []
@@ -59,6 +67,29 @@ class Embedder:
             out = self.model(x, output_hidden_states=True, logits_to_keep=1)
             vectors.append(out.hidden_states[-1][0].float().mean(0).tolist())
         return vectors
+
+
+@dataclass
+class SentenceEmbedder:
+    """A sentence encoder (pocketlm.encoder.SentenceEncoder, e.g. minilm-l6) for /v1/embeddings:
+    its own pooling and normalisation, as sentence-transformers computes them."""
+    name: str
+    encoder: Any
+
+    @property
+    def tokenizer(self):
+        return self.encoder.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoder.model.config.vocab_size
+
+    @property
+    def window(self) -> int:
+        return self.encoder.max_seq_length
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        return self.encoder.encode_ids(inputs).tolist()
 
 
 class Service:
@@ -83,13 +114,27 @@ class Service:
         loaded, tokenizer = load_model_and_tokenizer(model, device=device, dtype=dtype)
         embedder = None
         if embedding_model is not None:
-            m, t = load_model_and_tokenizer(embedding_model, device=device, dtype=dtype)
-            embedder = Embedder(_served_name(embedding_model), m.eval(), t)
+            embedder = _embedder(embedding_model, device, dtype)
         return cls(_served_name(model), loaded, tokenizer, embedder=embedder, **options)
 
     @property
     def served(self) -> list[str]:
         return [self.name] + ([self.embedder.name] if self.embedder.name != self.name else [])
+
+
+def _embedder(ref: str, device, dtype):
+    """A sentence encoder (a sentence-transformers folder or an encoder registry name) or a decoder
+    model, for /v1/embeddings."""
+    from pocketlm import registry
+    from pocketlm.api import load_model_and_tokenizer
+    from pocketlm.encoder import SentenceEncoder
+
+    found = registry.resolve(ref)
+    if found.kind == "folder" and ((found.path / "modules.json").is_file() or
+                                   '"bert"' in (found.path / "config.json").read_text(errors="replace")):
+        return SentenceEmbedder(_served_name(ref), SentenceEncoder.from_pretrained(found, device=device))
+    model, tokenizer = load_model_and_tokenizer(ref, device=device, dtype=dtype)
+    return Embedder(_served_name(ref), model.eval(), tokenizer)
 
 
 def _served_name(ref: str) -> str:
@@ -322,8 +367,7 @@ def create_app(service: Service | Callable[[], Service], *, api_key: str | None 
         name = protocol.check_model(body, svc.served) if body.get("model") is not None else embedder.name
         if name != embedder.name:
             embedder = Embedder(svc.name, svc.model, svc.tokenizer)
-        inputs = protocol.embedding_inputs(body, embedder.tokenizer, embedder.model.config.vocab_size,
-                                           embedder.model.config.max_position)
+        inputs = protocol.embedding_inputs(body, embedder.tokenizer, embedder.vocab_size, embedder.window)
         vectors = await asyncio.wrap_future(svc.scheduler.call(embedder.embed, inputs))
         as_base64 = body.get("encoding_format") == "base64"
         data = [{"object": "embedding", "index": i,
