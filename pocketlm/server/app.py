@@ -130,8 +130,9 @@ def _embedder(ref: str, device, dtype):
     from pocketlm.encoder import SentenceEncoder
 
     found = registry.resolve(ref)
+    config = found.path / "config.json"
     if found.kind == "folder" and ((found.path / "modules.json").is_file() or
-                                   '"bert"' in (found.path / "config.json").read_text(errors="replace")):
+                                   (config.is_file() and '"bert"' in config.read_text(errors="replace"))):
         return SentenceEmbedder(_served_name(ref), SentenceEncoder.from_pretrained(found, device=device))
     model, tokenizer = load_model_and_tokenizer(ref, device=device, dtype=dtype)
     return Embedder(_served_name(ref), model.eval(), tokenizer)
