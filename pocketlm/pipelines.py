@@ -26,7 +26,7 @@ from pocketlm.zeroshot import ZeroShotClassifier
 
 def pipeline(task: str, model: Any = None, tokenizer=None, device=None, **kwargs) -> "Pipeline":
     """A callable for `task` ("text-classification", its alias "sentiment-analysis",
-    "zero-shot-classification" or "text-generation") on `model`: anything pocketlm loads
+    "zero-shot-classification", "text-generation" or "feature-extraction") on `model`: anything pocketlm loads
     (checkpoint folder, run folder, GGUF file, registry name) or a loaded model object, which then
     needs `tokenizer=` as in transformers. Other keywords become the call's defaults
     (`batch_size=8`, `max_new_tokens=20`, `candidate_labels=[...]`). Text classification with a
@@ -262,9 +262,67 @@ class TextGenerationPipeline(Pipeline):
         return [{"generated_text": prompt + new if full_text else new}]
 
 
+class FeatureExtractionPipeline(Pipeline):
+    """`fe(text)` → the last hidden state of every token, nested lists of shape [1][tokens][hidden]
+    (a list of texts gives one such per text; `return_tensors=True` gives (1, tokens, hidden)
+    tensors), as transformers' feature-extraction pipeline. The model is a causal LM (its final,
+    normed hidden states) or a BERT encoder folder such as minilm-l6 (its last layer's)."""
+
+    kind = CausalLM
+
+    def __init__(self, task: str, model: Any, tokenizer, device, defaults: dict[str, Any]):
+        from pocketlm.encoder import BertModel
+
+        bert = None
+        if isinstance(model, BertModel):
+            bert = model
+        elif not isinstance(model, torch.nn.Module):
+            ref = registry.resolve(model)
+            config = ref.path / "config.json" if ref.kind == "folder" else None
+            if config is not None and config.is_file() and '"bert"' in config.read_text(errors="replace"):
+                bert = BertModel.from_pretrained(ref.path, device=resolve_device(device) if device else None)
+                tokenizer = AutoTokenizer.from_pretrained(ref) if tokenizer is None else tokenizer
+        if bert is None:
+            super().__init__(task, model, tokenizer, device, defaults)
+            return
+        if tokenizer is None:
+            raise ConfigError(f"pipeline({task!r}) given a model object needs tokenizer= as well")
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.task, self.model, self.tokenizer, self.defaults = task, bert.eval(), tokenizer, defaults
+
+    def _check_kind(self, task: str, config) -> None:
+        TextGenerationPipeline._check_kind(self, task, config)
+
+    def __call__(self, inputs, **kwargs):
+        kwargs = {**self.defaults, **kwargs}
+        as_tensors = kwargs.pop("return_tensors", False)
+        kwargs.pop("batch_size", None)  # accepted as transformers does; texts run one at a time
+        if kwargs:
+            raise ConfigError(f"feature-extraction does not know {', '.join(sorted(kwargs))}")
+        if isinstance(inputs, str):
+            return self._one(inputs, as_tensors)
+        return [self._one(text, as_tensors) for text in inputs]
+
+    @torch.no_grad()
+    def _one(self, text: str, as_tensors: bool):
+        from pocketlm.encoder import BertModel
+
+        if not isinstance(text, str):
+            raise ConfigError(f"feature-extraction takes texts, got {type(text).__name__}")
+        ids = torch.tensor([self.tokenizer.encode(text)], device=self.device)
+        if isinstance(self.model, BertModel):
+            hidden = self.model(ids)
+        else:
+            hidden = self.model(ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        hidden = hidden.float().cpu()
+        return hidden if as_tensors else hidden.tolist()
+
+
 def _is_chat(value) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], dict)
 
 
 _TASKS = {"text-classification": TextClassificationPipeline, "sentiment-analysis": TextClassificationPipeline,
-          "text-generation": TextGenerationPipeline, "zero-shot-classification": ZeroShotClassificationPipeline}
+          "text-generation": TextGenerationPipeline, "zero-shot-classification": ZeroShotClassificationPipeline,
+          "feature-extraction": FeatureExtractionPipeline}

@@ -113,3 +113,30 @@ def test_embed_command_prints_the_encoders_vectors(minilm, capsys, tmp_path):
     torch.testing.assert_close(torch.tensor(rows), expected, rtol=0, atol=1e-6)
     assert main(["embed", "--model", str(minilm)]) == 2
     assert "nothing to embed" in capsys.readouterr().err
+
+
+def test_feature_extraction_pipeline_matches_transformers(minilm, tmp_path):
+    """pipeline("feature-extraction") gives transformers' nested [1][tokens][hidden] lists, for a
+    BERT folder (MiniLM) and for a causal LM (its final normed hidden states)."""
+    from conftest import TINY, randomize
+
+    from pocketlm import ModelConfig, pipeline
+    from pocketlm.api import CausalLM
+    from pocketlm.tokenizer import Tokenizer
+
+    (tmp_path / "t.txt").write_text("hello world the cat sat on the mat " * 100)
+    tokenizer = Tokenizer.train([tmp_path / "t.txt"], vocab_size=300)
+    randomize(CausalLM.from_config(ModelConfig(**{**TINY["gpt2-tied"], "vocab_size": 320}))).eval() \
+        .save_pretrained(tmp_path / "gpt2", tokenizer=tokenizer)
+    for folder in (minilm, tmp_path / "gpt2"):
+        ours = pipeline("feature-extraction", model=str(folder))
+        theirs = transformers.pipeline("feature-extraction", model=str(folder))
+        for text in ("hello world, the cat", ["the mat", "sat on the mat"]):
+            got, expected = ours(text), theirs(text)
+            if isinstance(text, str):
+                got, expected = [got], [expected]
+            for a, b in zip(got, expected):
+                torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-4)
+        assert ours("the cat", return_tensors=True).shape == torch.tensor(theirs("the cat")).shape
+    with pytest.raises(ConfigError, match="does not know"):
+        ours("x", pooling="mean")
