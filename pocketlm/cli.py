@@ -691,9 +691,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="*", help="texts to embed")
     p.add_argument("--input", metavar="FILE", help="also embed each non-empty line of FILE (- for stdin)")
     p.add_argument("--model", default=DEFAULT_ENCODER,
-                   help=f"a sentence-transformers folder or registry name (default: {DEFAULT_ENCODER})")
+                   help=f"a sentence encoder (sentence-transformers folder or registry name; default: "
+                        f"{DEFAULT_ENCODER}) or a decoder model")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts encoded together (default: 32)")
     p.add_argument("--with-text", action="store_true", help='print {"text": ..., "embedding": [...]} objects')
+    p.add_argument("--pooling", choices=("mean", "last"),
+                   help="for a decoder model (e.g. a GGUF file): the mean of its last hidden states (default) or the "
+                        "last token's")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
     p.set_defaults(func=cmd_embed)
 
@@ -980,7 +984,7 @@ def cmd_embed(args) -> int:
         texts += [line for line in raw.splitlines() if line.strip()]
     if not texts:
         raise ConfigError("nothing to embed: give texts as arguments or --input FILE (one text a line, - for stdin)")
-    encoder = _encoder(args.model, resolve_device(args.device))
+    encoder = _encoder(args.model, resolve_device(args.device), args.pooling)
     vectors = encoder.encode(texts, batch_size=args.batch_size)
     for text, vector in zip(texts, vectors.tolist()):
         row = {"text": text, "embedding": [round(v, 7) for v in vector]} if args.with_text else \
@@ -989,16 +993,17 @@ def cmd_embed(args) -> int:
     return 0
 
 
-def _encoder(name: str, device=None):
-    """The sentence encoder `name`, pulling the default one on first use (as chat pulls its model)."""
+def _encoder(name: str, device=None, pooling: str | None = None):
+    """The encoder `name` (a sentence encoder, or a decoder model pooled by `pooling`), pulling the
+    default one on first use (as chat pulls its model)."""
     from pocketlm import registry
-    from pocketlm.encoder import SentenceEncoder
+    from pocketlm.encoder import load_encoder
 
     if name == registry.DEFAULT_ENCODER and not registry.is_pulled(name):
         print(f"{name} is not on this machine yet; pulling it first (about "
               f"{registry.entry(name).size / 2**20:.0f} MB, once)", file=sys.stderr)
         registry.pull(name, progress=sys.stderr.isatty())
-    return SentenceEncoder.from_pretrained(name, device=device)
+    return load_encoder(name, device=device, pooling=pooling)
 
 
 def cmd_index(args) -> int:

@@ -309,6 +309,70 @@ class SentenceEncoder:
         return out
 
 
+class DecoderEncoder:
+    """Sentence embeddings from a causal LM (pocketlm's decoder models): its final normed hidden
+    states pooled by `mean` over the tokens or taken at the `last` token (which has read the whole
+    text), then normalised. Texts run one at a time, so no padding enters a causal model's
+    states."""
+
+    def __init__(self, model, tokenizer, *, pooling: str = "mean", normalize: bool = True, name: str = "decoder"):
+        if pooling not in ("mean", "last"):
+            raise ConfigError(f"a decoder model pools by 'mean' or 'last', not {pooling!r}")
+        self.model, self.tokenizer, self.pooling, self.normalize, self.name = model.eval(), tokenizer, pooling, \
+            normalize, name
+        self.max_seq_length = model.config.max_position
+
+    @property
+    def dimension(self) -> int:
+        return self.model.config.n_embd
+
+    @classmethod
+    def from_pretrained(cls, source, device=None, pooling: str = "mean") -> "DecoderEncoder":
+        from pocketlm.api import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(source, device=device)
+        return cls(model, tokenizer, pooling=pooling, name=str(source))
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        rows = []
+        for text in texts:
+            if not isinstance(text, str):
+                raise ConfigError(f"texts must be strings, got {type(text).__name__}")
+            rows.append(self.tokenizer.encode(text)[-self.max_seq_length:] or [self.tokenizer.eos_token_id or 0])
+        return rows
+
+    def encode(self, texts: str | Sequence[str], batch_size: int = 32, normalize: bool | None = None) -> torch.Tensor:
+        single = isinstance(texts, str)
+        out = self.encode_ids(self.tokenize([texts] if single else list(texts)), batch_size, normalize)
+        return out[0] if single else out
+
+    @torch.inference_mode()
+    def encode_ids(self, rows: list[list[int]], batch_size: int = 32, normalize: bool | None = None) -> torch.Tensor:
+        out = torch.empty(len(rows), self.dimension)
+        for i, ids in enumerate(rows):
+            x = torch.tensor([ids], device=self.model.device)
+            hidden = self.model(x, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][0].float().cpu()
+            out[i] = hidden.mean(0) if self.pooling == "mean" else hidden[-1]
+        if self.normalize if normalize is None else normalize:
+            out = F.normalize(out, dim=-1)
+        return out
+
+
+def load_encoder(source, device=None, pooling: str | None = None):
+    """A SentenceEncoder for a sentence-transformers or BERT folder, else a DecoderEncoder for a
+    causal LM (pooling `mean` unless told `last`)."""
+    from pocketlm import registry
+
+    ref = registry.resolve(source)
+    config = ref.path / "config.json" if ref.kind == "folder" else None
+    if config is not None and ((ref.path / "modules.json").is_file() or
+                               (config.is_file() and '"bert"' in config.read_text(errors="replace"))):
+        if pooling is not None:
+            raise ConfigError("--pooling is for decoder models; a sentence encoder pools as its folder says")
+        return SentenceEncoder.from_pretrained(ref, device=device)
+    return DecoderEncoder.from_pretrained(ref, device=device, pooling=pooling or "mean")
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """(B, T, C) hidden states and a (B, T) 0/1 mask → (B, C) by `mode` (see POOLING)."""
     m = mask.to(hidden.dtype)[..., None]

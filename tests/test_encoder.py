@@ -140,3 +140,31 @@ def test_feature_extraction_pipeline_matches_transformers(minilm, tmp_path):
         assert ours("the cat", return_tensors=True).shape == torch.tensor(theirs("the cat")).shape
     with pytest.raises(ConfigError, match="does not know"):
         ours("x", pooling="mean")
+
+
+def test_decoder_models_embed_by_mean_or_last_token(tmp_path, capsys):
+    from conftest import TINY, randomize
+
+    from pocketlm import ModelConfig
+    from pocketlm.api import CausalLM
+    from pocketlm.cli import main
+    from pocketlm.encoder import DecoderEncoder, load_encoder
+    from pocketlm.tokenizer import Tokenizer
+
+    (tmp_path / "t.txt").write_text("hello world the cat sat on the mat " * 100)
+    tokenizer = Tokenizer.train([tmp_path / "t.txt"], vocab_size=300)
+    model = randomize(CausalLM.from_config(ModelConfig(**{**TINY["llama-gqa-tied"], "vocab_size": 320}))).eval()
+    model.save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    encoder = load_encoder(tmp_path / "m", pooling="last")
+    assert isinstance(encoder, DecoderEncoder) and encoder.dimension == 32
+    ids = tokenizer.encode("the cat sat")
+    with torch.no_grad():
+        hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+    torch.testing.assert_close(encoder.encode("the cat sat"), torch.nn.functional.normalize(hidden[-1], dim=0))
+    mean = load_encoder(tmp_path / "m").encode(["the cat sat", "hello"])
+    torch.testing.assert_close(mean[0], torch.nn.functional.normalize(hidden.mean(0), dim=0))
+    assert main(["embed", "--model", str(tmp_path / "m"), "--pooling", "last", "the cat sat"]) == 0
+    torch.testing.assert_close(torch.tensor(json.loads(capsys.readouterr().out)), encoder.encode("the cat sat"),
+                               rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="'mean' or 'last'"):
+        DecoderEncoder(model, tokenizer, pooling="cls")
