@@ -600,7 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score a text file, or the validation split of a `pocketlm prepare` "
                                    "folder, with a sliding window; print the mean loss and perplexity.")
     _add_model_flags(p)
-    p.add_argument("--data", required=True, metavar="DIR|FILE", help="a text file or a prepared data folder")
+    p.add_argument("--task", nargs="+", metavar=("TASK", "FILE"), default=["perplexity"],
+                   help="perplexity of --data (the default), or `--task mc F.jsonl`: multiple-choice questions "
+                        '(one {"question", "choices", "answer"} object a line) scored by log-likelihood')
+    p.add_argument("--json", action="store_true", help="with --task mc: print the results as JSON")
+    p.add_argument("--data", metavar="DIR|FILE", help="a text file or a prepared data folder")
     p.add_argument("--max-length", type=int, metavar="N",
                    help="window length, at least 2 (default: the model's context, at most 1024)")
     p.add_argument("--stride", type=int, metavar="N", help="window step, 1..--max-length (default: half a window)")
@@ -864,6 +868,14 @@ def cmd_eval(args) -> int:
     from pocketlm.api import load_model_and_tokenizer
     from pocketlm.evaluate import perplexity, tokens_to_score
 
+    task, *files = args.task
+    if task not in ("perplexity", "mc") or (task == "mc" and len(files) != 1) or (task == "perplexity" and files):
+        raise ConfigError(f"--task {' '.join(args.task)}: use --task perplexity (with --data) or --task mc F.jsonl")
+    if task == "mc":
+        return _eval_choices(args, files[0])
+    if args.data is None:
+        raise ConfigError("eval needs --data FILE|DIR (the text to score), or --task mc F.jsonl")
+
     # the flags' ranges are checked here, before loading, in the flags' own names
     for flag, value, least, why in (
             ("--max-length", args.max_length, 2, " (a window scores the tokens after its first)"),
@@ -882,6 +894,26 @@ def cmd_eval(args) -> int:
     result = perplexity(model, ids, max_length=args.max_length, stride=args.stride, progress=sys.stderr.isatty())
     print(f"loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f} "
           f"({result.tokens:,} tokens, {result.windows} windows)")
+    return 0
+
+
+def _eval_choices(args, questions: str) -> int:
+    import json
+
+    from pocketlm.api import load_model_and_tokenizer
+    from pocketlm.evaluate import multiple_choice, read_choice_items
+
+    items = read_choice_items(questions)  # a bad file fails before the model loads
+    model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device), dtype=args.dtype)
+    result = multiple_choice(model.eval(), tokenizer, items)
+    if args.json:
+        print(json.dumps({"questions": result.questions, "accuracy": result.accuracy,
+                          "accuracy_norm": result.accuracy_norm,
+                          "picks": [{"answer": a, "pick": r, "pick_norm": m} for a, r, m in result.picks]}))
+        return 0
+    print(f"| metric | value |\n|---|---|\n| questions | {result.questions} |\n"
+          f"| accuracy (log-likelihood) | {result.accuracy:.4f} |\n"
+          f"| accuracy (length-normalised) | {result.accuracy_norm:.4f} |")
     return 0
 
 

@@ -105,3 +105,75 @@ def tokens_to_score(source: str | Path, tokenizer, max_tokens: int | None = None
         raise DataError(f"{source} is not UTF-8 text") from None
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     return ids if max_tokens is None else ids[:max_tokens]
+
+
+# --- multiple choice ------------------------------------------------------------------------------
+
+@dataclass
+class ChoiceResult:
+    accuracy: float  # by the summed log-likelihood of each choice
+    accuracy_norm: float  # by that sum divided by the choice's length in characters
+    questions: int
+    picks: list[tuple[int, int, int]]  # per question: (answer, raw pick, normalised pick)
+
+
+def read_choice_items(path: str | Path) -> list[dict]:
+    """A JSONL file of {"question": str, "choices": [str, ...], "answer": index or the right choice}."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"{path}: no such file of multiple-choice questions")
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str):
+            raise ConfigError(f'{where}: each line is an object with "question", "choices" and "answer"')
+        choices, answer = item.get("choices"), item.get("answer")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise ConfigError(f'{where}: "choices" must list at least two non-empty strings')
+        if isinstance(answer, str) and answer in choices:
+            answer = choices.index(answer)
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise ConfigError(f'{where}: "answer" must be the index of a choice (0..{len(choices) - 1}) or its text')
+        items.append({"question": item["question"], "choices": choices, "answer": answer})
+    if not items:
+        raise ConfigError(f"{path} holds no questions")
+    return items
+
+
+@torch.no_grad()
+def choice_loglikelihoods(model, tokenizer, context: str, choices: list[str]) -> list[float]:
+    """log p(choice | context) for each choice, summed over its tokens: the context encoded as a
+    prompt (special tokens included), each choice, with a leading space, encoded on its own and
+    appended, as lm-evaluation-harness scores them."""
+    window = model.config.max_position
+    ctx = tokenizer.encode(context)
+    out = []
+    for choice in choices:
+        cont = tokenizer.encode(" " + choice, add_special_tokens=False)
+        ids = (ctx + cont)[-window - 1:]  # the choice always scored whole; the context's start may go
+        if len(cont) >= len(ids):
+            raise ConfigError(f"the choice {choice[:40]!r} alone is longer than the model's window of {window}")
+        x = torch.tensor([ids[:-1]], device=model.device)
+        logp = model(x).logits[0].float().log_softmax(-1)
+        targets = torch.tensor(ids[1:], device=logp.device)
+        out.append(float(logp[-len(cont):].gather(-1, targets[-len(cont):, None]).sum()))
+    return out
+
+
+def multiple_choice(model, tokenizer, items: list[dict]) -> ChoiceResult:
+    picks = []
+    for item in items:
+        scores = choice_loglikelihoods(model, tokenizer, item["question"], item["choices"])
+        raw = max(range(len(scores)), key=scores.__getitem__)
+        norm = max(range(len(scores)), key=lambda i: scores[i] / len(" " + item["choices"][i]))
+        picks.append((item["answer"], raw, norm))
+    n = len(picks)
+    return ChoiceResult(sum(a == r for a, r, _ in picks) / n, sum(a == m for a, _, m in picks) / n, n, picks)

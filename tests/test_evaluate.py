@@ -84,3 +84,58 @@ def test_cli_eval_on_a_text_file_and_on_prepared_shards(tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "m"), "--data", str(tmp_path / "missing.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# --- multiple choice ------------------------------------------------------------------------------
+
+def test_choice_loglikelihoods_by_hand(tmp_path):
+    import json
+
+    from pocketlm.evaluate import choice_loglikelihoods, multiple_choice, read_choice_items
+    from pocketlm.tokenizer import Tokenizer
+
+    (tmp_path / "t.txt").write_text("the cat sat on the mat and the dog ran far away " * 50)
+    tokenizer = Tokenizer.train([tmp_path / "t.txt"], vocab_size=300)
+    torch.manual_seed(0)
+    lm = randomize(CausalLM.from_config(ModelConfig(**{**TINY["llama-gqa-tied"], "vocab_size": 320}))).eval()
+    scores = choice_loglikelihoods(lm, tokenizer, "the cat sat on the", ["mat", "dog ran far"])
+    for choice, score in zip(["mat", "dog ran far"], scores):
+        ctx, cont = tokenizer.encode("the cat sat on the"), tokenizer.encode(" " + choice, add_special_tokens=False)
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logp = lm(ids).logits[0, :-1].log_softmax(-1)
+        expected = sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+        assert math.isclose(score, expected, rel_tol=1e-5, abs_tol=1e-5)
+    lines = [{"question": "the cat sat on the", "choices": ["mat", "dog ran far"], "answer": "mat"},
+             {"question": "the dog", "choices": ["ran", "sat", "mat"], "answer": 2}]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    items = read_choice_items(tmp_path / "q.jsonl")
+    result = multiple_choice(lm, tokenizer, items)
+    expected_picks = []
+    for item in items:
+        s = choice_loglikelihoods(lm, tokenizer, item["question"], item["choices"])
+        expected_picks.append((item["answer"], max(range(len(s)), key=s.__getitem__),
+                               max(range(len(s)), key=lambda i: s[i] / len(" " + item["choices"][i]))))
+    assert result.picks == expected_picks and result.questions == 2
+    assert result.accuracy == sum(a == r for a, r, _ in expected_picks) / 2
+    for bad, message in (('{"question": "q", "choices": ["a"], "answer": 0}', "at least two"),
+                         ('{"question": "q", "choices": ["a", "b"], "answer": 2}', "index of a choice"),
+                         ('{"choices": ["a", "b"], "answer": 0}', '"question"'), ("nope", "not JSON")):
+        (tmp_path / "bad.jsonl").write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=message):
+            read_choice_items(tmp_path / "bad.jsonl")
+
+
+def test_eval_task_mc_with_smollm2(smollm2_gguf, tmp_path, capsys):
+    import json
+
+    (tmp_path / "q.jsonl").write_text(
+        '{"question": "The capital of France is", "choices": ["Paris", "a banana"], "answer": 0}\n'
+        '{"question": "The sun rises in the", "choices": ["east", "refrigerator"], "answer": "east"}\n')
+    assert main(["eval", str(smollm2_gguf), "--task", "mc", str(tmp_path / "q.jsonl"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["questions"] == 2 and result["accuracy"] == 1.0
+    assert main(["eval", str(smollm2_gguf), "--task", "mc", str(tmp_path / "q.jsonl")]) == 0
+    assert "| accuracy (log-likelihood) | 1.0000 |" in capsys.readouterr().out
+    assert main(["eval", str(smollm2_gguf), "--task", "mc"]) == 2
+    assert "--task mc F.jsonl" in capsys.readouterr().err
