@@ -162,6 +162,17 @@ def cmd_train_tokenizer(args) -> int:
 
 # --- generate and chat ---------------------------------------------------------------------------
 
+def pull_default(name: str | None, default: str) -> None:
+    """A command's default model (`default`) is pulled on first use, saying so once: a user who
+    named no model gets one. Any other name is left for the loader to resolve."""
+    from pocketlm import registry
+
+    if name == default and not registry.is_pulled(name):
+        print(f"{name} is not on this machine yet; pulling it first (about "
+              f"{registry.entry(name).size / 2**20:.0f} MB, once)", file=sys.stderr)
+        registry.pull(name, progress=sys.stderr.isatty())
+
+
 def load_for_generation(args):
     """(Generator, Tokenizer) for the checkpoint folder or GGUF file in args.model."""
     from pocketlm.api import load_model_and_tokenizer
@@ -328,12 +339,8 @@ def cmd_serve(args) -> int:
     if args.port > 65535:
         raise ConfigError(f"--port must be at most 65535, got {args.port}")
     _check_address(args.host, args.port)  # a port in use fails now, not after loading the model
-    if args.model == registry.DEFAULT_CHAT_MODEL and not registry.is_pulled(args.model):
-        print(f"{args.model} is not on this machine yet; pulling it first (about "
-              f"{registry.entry(args.model).size / 2**20:.0f} MB, once)", file=sys.stderr)
-        registry.pull(args.model, progress=sys.stderr.isatty())
-    if args.embedding_model == registry.DEFAULT_ENCODER and not registry.is_pulled(args.embedding_model):
-        registry.pull(args.embedding_model, progress=sys.stderr.isatty())
+    pull_default(args.model, registry.DEFAULT_CHAT_MODEL)
+    pull_default(args.embedding_model, registry.DEFAULT_ENCODER)
     for ref in (args.model, args.embedding_model):  # a name or path that does not exist fails now, not later
         if ref is not None and ref != registry.DEFAULT_CHAT_MODEL:
             registry.resolve(ref)
@@ -400,10 +407,7 @@ def cmd_chat(args) -> int:
     from pocketlm import registry
     from pocketlm.chat import ChatSession
 
-    if args.model == registry.DEFAULT_CHAT_MODEL and not registry.is_pulled(args.model):
-        print(f"{args.model} is not on this machine yet; pulling it first (about "
-              f"{registry.entry(args.model).size / 2**20:.0f} MB, once)", file=sys.stderr)
-        registry.pull(args.model, progress=sys.stderr.isatty())
+    pull_default(args.model, registry.DEFAULT_CHAT_MODEL)
     generator, tokenizer = load_for_generation(args)
     window = generator.model.config.max_position
     overrides = sampling_overrides(args)
@@ -1031,10 +1035,7 @@ def _encoder(name: str, device=None, pooling: str | None = None):
     from pocketlm import registry
     from pocketlm.encoder import load_encoder
 
-    if name == registry.DEFAULT_ENCODER and not registry.is_pulled(name):
-        print(f"{name} is not on this machine yet; pulling it first (about "
-              f"{registry.entry(name).size / 2**20:.0f} MB, once)", file=sys.stderr)
-        registry.pull(name, progress=sys.stderr.isatty())
+    pull_default(name, registry.DEFAULT_ENCODER)
     return load_encoder(name, device=device, pooling=pooling)
 
 
@@ -1090,10 +1091,7 @@ def cmd_ask(args) -> int:
     question = args.question.strip()
     if not question:
         raise ConfigError("the question is empty")
-    if args.model == registry.DEFAULT_CHAT_MODEL and not registry.is_pulled(args.model):
-        print(f"{args.model} is not on this machine yet; pulling it first (about "
-              f"{registry.entry(args.model).size / 2**20:.0f} MB, once)", file=sys.stderr)
-        registry.pull(args.model, progress=sys.stderr.isatty())
+    pull_default(args.model, registry.DEFAULT_CHAT_MODEL)
     if args.index:
         from pocketlm.search import Index
 
@@ -1112,20 +1110,12 @@ def cmd_ask(args) -> int:
         chunks = rag.context_chunks(text, question, tokenizer, budget, source=args.context)
     elif not args.index:
         chunks = []
-    if chunks:
-        result = rag.answer(generator, tokenizer, question, chunks, args.max_new_tokens)
-        print(result.text)
+    result = rag.answer(generator, tokenizer, question, chunks, args.max_new_tokens)
+    print(result.text)
+    if result.sources:
         print("\nsources:")
         for i, c in enumerate(result.sources, 1):
             print(f"  [{i}] {c.source}:{c.start_line}-{c.end_line}")
-        return 0
-    from pocketlm.chat import ChatSession
-
-    session = ChatSession(tokenizer, generator.model.config.max_position, max_new_tokens=args.max_new_tokens)
-    session.add("user", question)
-    out = generator.generate(session.encode(), max_new_tokens=args.max_new_tokens, do_sample=False,
-                             stop_token_ids=session.stop_token_ids, **({"stop": session.stop} if session.stop else {}))
-    print(out.text.strip())
     return 0
 
 

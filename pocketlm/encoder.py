@@ -358,15 +358,29 @@ class DecoderEncoder:
         return out
 
 
+def is_encoder_folder(ref) -> bool:
+    """Whether a resolved model reference (registry.ModelRef) is a folder this module loads: a
+    sentence-transformers folder (modules.json) or a BERT checkpoint (config.json's model_type)."""
+    from pocketlm.files import read_json
+
+    if ref.kind != "folder":
+        return False
+    if (ref.path / "modules.json").is_file():
+        return True
+    try:
+        config = read_json(ref.path / "config.json", "model config")
+    except (NotFoundError, FormatError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "bert"
+
+
 def load_encoder(source, device=None, pooling: str | None = None):
     """A SentenceEncoder for a sentence-transformers or BERT folder, else a DecoderEncoder for a
     causal LM (pooling `mean` unless told `last`)."""
     from pocketlm import registry
 
     ref = registry.resolve(source)
-    config = ref.path / "config.json" if ref.kind == "folder" else None
-    if config is not None and ((ref.path / "modules.json").is_file() or
-                               (config.is_file() and '"bert"' in config.read_text(errors="replace"))):
+    if is_encoder_folder(ref):
         if pooling is not None:
             raise ConfigError("--pooling is for decoder models; a sentence encoder pools as its folder says")
         return SentenceEncoder.from_pretrained(ref, device=device)

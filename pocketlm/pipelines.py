@@ -271,15 +271,14 @@ class FeatureExtractionPipeline(Pipeline):
     kind = CausalLM
 
     def __init__(self, task: str, model: Any, tokenizer, device, defaults: dict[str, Any]):
-        from pocketlm.encoder import BertModel
+        from pocketlm.encoder import BertModel, is_encoder_folder
 
         bert = None
         if isinstance(model, BertModel):
             bert = model
         elif not isinstance(model, torch.nn.Module):
             ref = registry.resolve(model)
-            config = ref.path / "config.json" if ref.kind == "folder" else None
-            if config is not None and config.is_file() and '"bert"' in config.read_text(errors="replace"):
+            if is_encoder_folder(ref):
                 bert = BertModel.from_pretrained(ref.path, device=resolve_device(device) if device else None)
                 tokenizer = AutoTokenizer.from_pretrained(ref) if tokenizer is None else tokenizer
         if bert is None:

@@ -136,7 +136,15 @@ def chunk_lines(source: str, lines: list[tuple[int, str]], count_tokens, chunk_t
 
 def encoder_fingerprint(encoder) -> str:
     """sha256 over the encoder's config, its tokenizer and a digest of its weights: an index
-    refuses queries embedded by any other encoder."""
+    refuses queries embedded by any other encoder. Hashing the weights takes a moment, so it is
+    done once per encoder object (encoders are for inference: their weights do not change)."""
+    cached = encoder.__dict__.get("_fingerprint")
+    if cached is None:
+        cached = encoder.__dict__["_fingerprint"] = _fingerprint(encoder)
+    return cached
+
+
+def _fingerprint(encoder) -> str:
     digest = hashlib.sha256(json.dumps(asdict(encoder.model.config), sort_keys=True).encode())
     digest.update(encoder.tokenizer.fingerprint().encode())
     for name, tensor in sorted(encoder.model.state_dict().items()):

@@ -127,12 +127,10 @@ def _embedder(ref: str, device, dtype):
     model, for /v1/embeddings."""
     from pocketlm import registry
     from pocketlm.api import load_model_and_tokenizer
-    from pocketlm.encoder import SentenceEncoder
+    from pocketlm.encoder import SentenceEncoder, is_encoder_folder
 
     found = registry.resolve(ref)
-    config = found.path / "config.json"
-    if found.kind == "folder" and ((found.path / "modules.json").is_file() or
-                                   (config.is_file() and '"bert"' in config.read_text(errors="replace"))):
+    if is_encoder_folder(found):
         return SentenceEmbedder(_served_name(ref), SentenceEncoder.from_pretrained(found, device=device))
     model, tokenizer = load_model_and_tokenizer(ref, device=device, dtype=dtype)
     return Embedder(_served_name(ref), model.eval(), tokenizer)
