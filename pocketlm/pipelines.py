@@ -6,12 +6,21 @@
     gen("Once upon a time", max_new_tokens=20, do_sample=False)  # [{"generated_text": "Once upon..."}]
     zs = pipeline("zero-shot-classification", model="smollm2-135m-instruct")
     zs("a great film", candidate_labels=["positive", "negative"])  # {"sequence", "labels", "scores"}
+    pipeline("summarization", model="smollm2-135m-instruct")(text)  # [{"summary_text": ...}]
+    pipeline("translation_en_to_fr", model=...)("Good morning")     # [{"translation_text": ...}]
+    pipeline("question-answering", model=...)(question=q, context=c)  # {"score", "start", "end", "answer"}
+
+Summarization, translation and question answering are done by an instruct model from an
+instruction (pocketlm.tasks) and answer in the shapes transformers 4 gave them; the pinned
+transformers 5 has removed those three task names, pointing to text generation with a chat model
+(which is what pocketlm does underneath).
 
 This module sits on top of `api` and `generate`; nothing below imports it.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +35,22 @@ from pocketlm.zeroshot import ZeroShotClassifier
 
 def pipeline(task: str, model: Any = None, tokenizer=None, device=None, **kwargs) -> "Pipeline":
     """A callable for `task` ("text-classification", its alias "sentiment-analysis",
-    "zero-shot-classification", "text-generation" or "feature-extraction") on `model`: anything pocketlm loads
+    "zero-shot-classification", "text-generation", "chat", "feature-extraction", "summarization",
+    "translation" / "translation_en_to_fr", "question-answering") on `model`: anything pocketlm loads
     (checkpoint folder, run folder, GGUF file, registry name) or a loaded model object, which then
     needs `tokenizer=` as in transformers. Other keywords become the call's defaults
     (`batch_size=8`, `max_new_tokens=20`, `candidate_labels=[...]`). Text classification with a
     causal LM needs `candidate_labels=`: the labels are then scored zero-shot (pocketlm.zeroshot)."""
-    if task not in _TASKS:
-        raise ConfigError(f"unknown pipeline task {task!r}; pocketlm knows {', '.join(sorted(_TASKS))}")
+    languages = _TRANSLATION.fullmatch(task) if isinstance(task, str) else None
+    if languages:  # translation_en_to_fr: the languages are defaults a call may override
+        kwargs = {"src_lang": languages[1], "tgt_lang": languages[2], **kwargs}
+    elif task not in _TASKS:
+        raise ConfigError(f"unknown pipeline task {task!r}; pocketlm knows {', '.join(sorted(_TASKS))} "
+                          "(and translation_xx_to_yy)")
     if model is None:
         raise ConfigError(f"pipeline({task!r}) needs model=: a checkpoint folder, run folder, GGUF file or "
                           "registry name (pocketlm downloads no default model)")
-    kind = _TASKS[task]
+    kind = TranslationPipeline if languages else _TASKS[task]
     if kind is TextClassificationPipeline and "candidate_labels" in kwargs:
         kind = ZeroShotTextClassificationPipeline
     return kind(task, model, tokenizer, device, kwargs)
@@ -318,10 +332,125 @@ class FeatureExtractionPipeline(Pipeline):
         return hidden if as_tensors else hidden.tolist()
 
 
+class InstructionPipeline(Pipeline):
+    """A task an instruct model does from an instruction (pocketlm.tasks): greedy by default;
+    generation keywords (num_beams, max_new_tokens, do_sample, temperature, ...) pass through."""
+
+    kind = CausalLM
+
+    def _check_kind(self, task: str, config) -> None:
+        TextGenerationPipeline._check_kind(self, task, config)
+
+    @property
+    def generator(self):
+        from pocketlm.generate import Generator
+
+        if "_generator" not in self.__dict__:
+            self._generator = Generator(self.model, self.tokenizer)
+        return self._generator
+
+    def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        options = {**self.defaults, **kwargs}
+        options.pop("batch_size", None)  # accepted as transformers does; texts run one at a time
+        if "max_length" in options:  # transformers' name for the answer's length in these tasks
+            options.setdefault("max_new_tokens", options.pop("max_length"))
+        return options
+
+    def _texts(self, inputs) -> tuple[list[str], bool]:
+        single = isinstance(inputs, str)
+        texts = [inputs] if single else list(inputs)
+        if not all(isinstance(t, str) for t in texts):
+            raise ConfigError(f"{self.task} takes a text or a list of texts")
+        return texts, single
+
+
+class SummarizationPipeline(InstructionPipeline):
+    """`summarizer(text)` → `[{"summary_text": ...}]`, one dict per text (transformers'
+    summarization shape); texts longer than the window are summarized piece by piece."""
+
+    def __call__(self, documents, **kwargs) -> list[dict[str, str]]:
+        from pocketlm.tasks import summarize
+
+        options = self._options(kwargs)
+        texts, _ = self._texts(documents)
+        return [{"summary_text": summarize(self.generator, self.tokenizer, text, **options)} for text in texts]
+
+
+class TranslationPipeline(InstructionPipeline):
+    """`translator(text)` → `[{"translation_text": ...}]`, one dict per text. The languages come
+    from the task name ("translation_en_to_fr") or `src_lang=` / `tgt_lang=` (codes such as "fr",
+    or names), at creation or per call."""
+
+    def __call__(self, inputs, **kwargs) -> list[dict[str, str]]:
+        from pocketlm.tasks import translate
+
+        options = self._options(kwargs)
+        source, target = options.pop("src_lang", None), options.pop("tgt_lang", None)
+        if target is None:
+            raise ConfigError("translation needs the target language: pipeline('translation_en_to_fr', ...) or "
+                              "tgt_lang='fr'")
+        texts, _ = self._texts(inputs)
+        return [{"translation_text": translate(self.generator, self.tokenizer, text, target, source, **options)}
+                for text in texts]
+
+
+class QuestionAnsweringPipeline(InstructionPipeline):
+    """`qa(question=..., context=...)` → `{"score", "start", "end", "answer"}` as transformers'
+    question-answering: context[start:end] == answer when the answer is a span of the context
+    (a sentence-long reply is narrowed to its span; start and end are None when there is none).
+    The model writes the answer (pocketlm.tasks.answer_question), so `score` is its mean
+    per-token probability. Also `qa({"question", "context"})`, `qa(question, context)` and lists
+    of either (a list of results back). A context longer than the window is cut to the parts that
+    match the question best."""
+
+    def __call__(self, *args, **kwargs):
+        from pocketlm.tasks import answer_question
+
+        options = self._options(kwargs)
+        question, context = options.pop("question", None), options.pop("context", None)
+        if len(args) == 2:
+            question, context = args
+        elif len(args) == 1:
+            pairs = args[0] if isinstance(args[0], list) else [args[0]]
+            if not all(isinstance(p, dict) and {"question", "context"} <= set(p) for p in pairs):
+                raise ConfigError("question-answering takes question= and context=, or dicts with 'question' and "
+                                  "'context'")
+            results = [answer_question(self.generator, self.tokenizer, p["question"], p["context"], **options)
+                       for p in pairs]
+            return results if isinstance(args[0], list) else results[0]
+        elif args:
+            raise ConfigError("question-answering takes at most two positional arguments: question and context")
+        if question is None or context is None:
+            raise ConfigError("question-answering needs both question= and context=")
+        if options.pop("top_k", 1) != 1:
+            raise ConfigError("pocketlm's question answering writes one answer per question; drop top_k")
+        if isinstance(question, list):
+            contexts = context if isinstance(context, list) else [context] * len(question)
+            if len(contexts) != len(question):
+                raise ConfigError(f"{len(question)} questions but {len(contexts)} contexts")
+            return [answer_question(self.generator, self.tokenizer, q, c, **options) for q, c in zip(question, contexts)]
+        return answer_question(self.generator, self.tokenizer, question, context, **options)
+
+
+class ChatPipeline(TextGenerationPipeline):
+    """`chat(messages)` → `[{"generated_text": messages + [the assistant's reply]}]`: text
+    generation on a conversation, through the model's chat template; a plain string is one user
+    message."""
+
+    def __call__(self, inputs, **kwargs) -> list:
+        if isinstance(inputs, str):
+            inputs = [{"role": "user", "content": inputs}]
+        elif not _is_chat(inputs):
+            raise ConfigError("chat takes a list of {'role', 'content'} messages (or one string as the user's message)")
+        return super().__call__(inputs, **kwargs)
+
+
 def _is_chat(value) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], dict)
 
 
 _TASKS = {"text-classification": TextClassificationPipeline, "sentiment-analysis": TextClassificationPipeline,
           "text-generation": TextGenerationPipeline, "zero-shot-classification": ZeroShotClassificationPipeline,
-          "feature-extraction": FeatureExtractionPipeline}
+          "feature-extraction": FeatureExtractionPipeline, "summarization": SummarizationPipeline,
+          "translation": TranslationPipeline, "question-answering": QuestionAnsweringPipeline, "chat": ChatPipeline}
+_TRANSLATION = re.compile(r"translation_([A-Za-z]{2,3})_to_([A-Za-z]{2,3})")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pocketlm.errors import ConfigError
+from pocketlm.errors import ConfigError, ContextLengthError
 from pocketlm.search import Chunk, Hit, Index, chunk_lines
 
 SYSTEM = ("Answer the question using only the numbered sources. Cite the sources you use by number, like [1]. "
@@ -60,19 +60,15 @@ def context_chunks(text: str, question: str, tokenizer, budget: int, source: str
 def answer(generator, tokenizer, question: str, chunks: list[Chunk], max_new_tokens: int = ANSWER_TOKENS) -> Answer:
     """The chat model's answer from `chunks` as numbered sources, or from what it knows when there
     are none (greedy, so it is repeatable)."""
-    from pocketlm.chat import ChatSession
+    from pocketlm.tasks import instruct
 
-    window = generator.model.config.max_position
-    session = ChatSession(tokenizer, window, system=SYSTEM if chunks else None, max_new_tokens=max_new_tokens)
-    session.add("user", sources_prompt(question, chunks) if chunks else question)
-    ids = session.encode()
-    if len(ids) + max_new_tokens > window:
-        raise ConfigError(f"the question and its sources take {len(ids)} tokens; with {max_new_tokens} for the answer "
-                          f"that exceeds the model's window of {window}: ask for fewer sources (-k) or a shorter question")
-    stop = {"stop": session.stop} if session.stop else {}
-    out = generator.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             stop_token_ids=session.stop_token_ids, **stop)
-    return Answer(out.text.strip(), chunks)
+    message = sources_prompt(question, chunks) if chunks else question
+    try:
+        reply = instruct(generator, tokenizer, message, system=SYSTEM if chunks else None,
+                         max_new_tokens=max_new_tokens)
+    except ContextLengthError as e:
+        raise ContextLengthError(f"{e}: ask for fewer sources (-k) or a shorter question") from None
+    return Answer(reply.text, chunks)
 
 
 def retrieved(index: Index, question: str, encoder, k: int) -> list[Chunk]:
