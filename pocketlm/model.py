@@ -348,9 +348,10 @@ class Transformer(nn.Module):
                      and not (exclude_embeddings and id(p) in embeddings))
         if only_trainable:  # quantized blocks never train
             return floats
+        # a head tied to a quantized embedding shares its blocks: left out with the table
+        tables = {id(m.q) for m in self.modules() if isinstance(m, QuantizedEmbedding)} if exclude_embeddings else set()
         blocks = {id(m.q): m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
-                  for m in self.modules() if isinstance(m, QuantizedLinear)
-                  and not (exclude_embeddings and isinstance(m, QuantizedEmbedding))}
+                  for m in self.modules() if isinstance(m, QuantizedLinear) and id(m.q) not in tables}
         return floats + sum(blocks.values())
 
     def set_attn_implementation(self, name: str) -> None:

@@ -104,6 +104,9 @@ def test_float_checkpoints_quantize_at_load_and_quantized_ones_round_trip(tiny, 
     # weight's spread, int4 ~10%) several times over; real models do not: see the perplexity checks
     assert (got - reference).norm() < (0.08 if bits == 8 else 0.6) * reference.norm()
 
+    for exclude_embeddings in (False, True):  # counted as the float model's, a tied head once
+        assert model.num_parameters(exclude_embeddings=exclude_embeddings) == \
+            tiny.num_parameters(exclude_embeddings=exclude_embeddings)
     model.save_pretrained(tmp_path / "quantized")
     config = json.loads((tmp_path / "quantized" / "config.json").read_text())
     assert config["quantization_config"]["modules"] == quantized_bits(model)

@@ -1,0 +1,1 @@
+"""Files pocketlm ships: the illustrative sentence pairs of `pocketlm bias`."""
