@@ -736,6 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     p.add_argument("-k", type=int, default=5, help="how many results (default: 5)")
     p.add_argument("--mode", choices=("hybrid", "dense", "lexical"), default="hybrid")
+    p.add_argument("--backend", choices=("torch", "faiss"), default="torch",
+                   help="dense search by a torch matrix product (default) or FAISS (pip install 'pocketlm[faiss]'; "
+                        "for millions of chunks)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON array")
     p.add_argument("--encoder", help="the encoder that built the index (default: the one it records)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
@@ -1121,7 +1124,7 @@ def cmd_search(args) -> int:
 
     from pocketlm.search import Index
 
-    index = Index.load(args.index)
+    index = Index.load(args.index, backend=args.backend)
     encoder = None if args.mode == "lexical" else _encoder(args.encoder or index.meta["encoder"]["name"],
                                                            resolve_device(args.device))
     hits = index.search(args.query, encoder, k=args.k, mode=args.mode)

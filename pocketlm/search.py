@@ -8,7 +8,8 @@
 Documents (plain text, markdown, or JSONL with a "text" field per line) are cut into chunks of
 whole lines holding about `chunk_tokens` of the encoder's tokens, consecutive chunks sharing about
 `overlap` tokens, so every hit can name its file and line range. Dense search ranks chunks by the
-cosine of their embeddings with the query's (exact, a matrix product in torch). Embeddings alone
+cosine of their embeddings with the query's (exact: a matrix product in torch, or FAISS's flat
+inner-product index with `Index.load(folder, backend="faiss")`). Embeddings alone
 miss rare names and exact terms, so the default is hybrid: the dense ranking and a BM25 ranking
 over the same chunks, fused by reciprocal rank (each list contributes 1 / (60 + rank)).
 
@@ -39,6 +40,10 @@ from pocketlm.errors import ConfigError, FormatError, NotFoundError
 
 FORMAT = "pocketlm-index/1"
 MODES = ("hybrid", "dense", "lexical")
+BACKENDS = ("torch", "faiss")
+# With FAISS, hybrid search fuses this many dense candidates with the BM25 ranking (a chunk ranked
+# lower contributes nothing dense; with torch it would add at most 1 / (60 + 101) to its score)
+FUSION_POOL = 100
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text", ""}
 RRF_K = 60  # reciprocal-rank fusion's constant
 BM25_K1, BM25_B = 1.5, 0.75
@@ -159,6 +164,8 @@ class Index:
             raise FormatError(f"the index holds {embeddings.shape[0]} embeddings for {len(chunks)} chunks")
         self.embeddings, self.chunks, self.meta = embeddings, chunks, meta
         self._bm25 = None
+        self.backend = "torch"
+        self._faiss = None
 
     # --- building -----------------------------------------------------------------------------
 
@@ -205,7 +212,7 @@ class Index:
             if new_chunks else torch.empty(0, encoder.dimension)
         self.embeddings = torch.cat((self.embeddings[keep], vectors))
         self.chunks = [self.chunks[i] for i in keep] + new_chunks
-        self._bm25 = None
+        self._bm25 = self._faiss = None
         return {"files": len(changed), "chunks": len(new_chunks), "unchanged": len(documents) - len(changed),
                 "skipped": skipped}
 
@@ -249,7 +256,10 @@ class Index:
                 shutil.rmtree(staging)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "Index":
+    def load(cls, folder: str | os.PathLike, backend: str = "torch") -> "Index":
+        """The index in `folder`, searched densely by `backend`: "torch" (exact, a matrix product)
+        or "faiss" (exact inner-product search by FAISS, `pip install 'pocketlm[faiss]'`; faster
+        and leaner for millions of chunks)."""
         from pocketlm.checkpoint import read_safetensors
         from pocketlm.files import read_json
 
@@ -269,7 +279,16 @@ class Index:
         embeddings = tensors.get("embeddings")
         if embeddings is None or embeddings.dim() != 2 or embeddings.shape[1] != dimension:
             raise FormatError(f"{folder}/embeddings.safetensors does not hold an (N, {dimension}) embeddings matrix")
-        return cls(embeddings.float(), chunks, meta)
+        index = cls(embeddings.float(), chunks, meta)
+        index.use_backend(backend)
+        return index
+
+    def use_backend(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        if backend == "faiss":
+            _faiss()  # refused now, not at the first query, when FAISS is missing
+        self.backend, self._faiss = backend, None
 
     # --- searching ----------------------------------------------------------------------------
 
@@ -293,7 +312,11 @@ class Index:
             if len(encoder.tokenize([query])[0]) >= encoder.max_seq_length:
                 raise ConfigError(f"the query is longer than the encoder's window of {encoder.max_seq_length} "
                                   "tokens; shorten it (only its start would count)")
-            dense = self.embeddings @ encoder.encode(query, normalize=True)
+            vector = encoder.encode(query, normalize=True)
+            if self.backend == "faiss":
+                dense = self._faiss_scores(vector, k if mode == "dense" else max(k, FUSION_POOL))
+            else:
+                dense = self.embeddings @ vector
         if mode != "dense":
             lexical = self._bm25_scores(query)
         if mode == "dense":
@@ -309,6 +332,19 @@ class Index:
                 break  # no query word in the rest
             hits.append(Hit(score, self.chunks[i], rank))
         return hits
+
+    def _faiss_scores(self, vector: torch.Tensor, pool: int) -> torch.Tensor:
+        """Cosines of the `pool` nearest chunks by FAISS (an exact inner-product index over the
+        normalised embeddings), -inf for every other chunk."""
+        if self._faiss is None:
+            faiss = _faiss()
+            self._faiss = faiss.IndexFlatIP(self.embeddings.shape[1])
+            self._faiss.add(self.embeddings.contiguous().numpy())
+        found, where = self._faiss.search(vector.float().reshape(1, -1).numpy(), min(pool, len(self.chunks)))
+        scores = torch.full((len(self.chunks),), float("-inf"))
+        keep = where[0] >= 0
+        scores[torch.from_numpy(where[0][keep]).long()] = torch.from_numpy(found[0][keep]).float()
+        return scores
 
     def _bm25_scores(self, query: str) -> torch.Tensor:
         if self._bm25 is None:
@@ -343,5 +379,14 @@ def _rrf(scores: torch.Tensor, only_positive: bool = False) -> torch.Tensor:
     order = torch.argsort(scores, descending=True, stable=True)
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(1, len(scores) + 1)
-    fused = 1.0 / (RRF_K + ranks.float())
+    fused = (1.0 / (RRF_K + ranks.float())).masked_fill(scores == float("-inf"), 0.0)  # not a candidate
     return fused.masked_fill(scores <= 0, 0.0) if only_positive else fused
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError("the faiss backend needs FAISS: pip install 'pocketlm[faiss]' (or faiss-cpu), or use "
+                          "--backend torch") from None
+    return faiss

@@ -96,6 +96,16 @@ def test_planted_facts_are_found_first(encoder, tmp_path):
             found[mode] += fact in hits[0].chunk.text
     print("recall@1 by mode:", found)
     assert found["hybrid"] == len(FACTS), found  # recall@1 = 1
+    # the FAISS backend: the same dense ranking and scores; hybrid fuses only FAISS's 100 best
+    # dense candidates, so its lower ranks may differ, but its first answers are the same
+    index.save(tmp_path / "idx")
+    with_faiss = Index.load(tmp_path / "idx", backend="faiss")
+    for _, question in FACTS:
+        ours, theirs = index.search(question, encoder, k=10, mode="dense"), with_faiss.search(question, encoder, k=10,
+                                                                                               mode="dense")
+        assert [h.chunk for h in ours] == [h.chunk for h in theirs], question
+        assert [h.score for h in ours] == pytest.approx([h.score for h in theirs], abs=1e-5)
+        assert index.search(question, encoder, k=1)[0].chunk == with_faiss.search(question, encoder, k=1)[0].chunk
     hit = index.search(FACTS[0][1], encoder, k=3)[0]
     source_lines = (tmp_path / "corpus.txt").read_text(encoding="utf-8").splitlines()
     assert hit.chunk.text == "\n".join(line for line in source_lines[hit.chunk.start_line - 1:hit.chunk.end_line]
@@ -159,3 +169,13 @@ def test_index_and_search_commands(minilm, tmp_path, capsys):
                  "--chunk-tokens", "64"]) == 2
     assert "--chunk-tokens 128" in capsys.readouterr().err
     assert Chunk("t", "s", 1, 1).end_line == 1
+
+
+def test_backends_are_checked(monkeypatch):
+    index = Index(torch.zeros(1, 4), [Chunk("text", "f.txt", 1, 1)], {"encoder": {"name": "none"}})
+    with pytest.raises(ConfigError, match="not one of torch, faiss"):
+        index.use_backend("annoy")
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # as if FAISS were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'pocketlm\[faiss\]'"):
+        index.use_backend("faiss")
+    assert index.backend == "torch"
