@@ -142,12 +142,14 @@ def test_script_lines_name_real_scripts_and_flags(where, command):
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory, smollm2_gguf):
-    """A folder laid out as the docs assume: my_text.txt, prompt.txt, a tiny trained runs/demo,
-    and SmolLM2 pulled."""
+    """A folder laid out as the docs assume: my_text.txt, prompt.txt, news.txt, a tiny trained
+    runs/demo, and SmolLM2 pulled."""
     folder = tmp_path_factory.mktemp("docs")
     text = "".join(f"ROMEO. Line {i} of a play, once upon a time, to be or not to be.\n" for i in range(2000))
     (folder / "my_text.txt").write_text(text)
     (folder / "prompt.txt").write_text("Once upon a time\n")
+    news = re.search(r"saved as `news.txt`:\n\n```text\n(.*?)```", (ROOT / "docs" / "applications.md").read_text(), re.S)
+    (folder / "news.txt").write_text(news[1])  # the file docs/applications.md shows
     old_cwd, old_home = os.getcwd(), os.environ.get("POCKETLM_HOME")
     os.chdir(folder)
     os.environ["POCKETLM_HOME"] = str(smollm2_gguf.parents[2])
