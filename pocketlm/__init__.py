@@ -33,6 +33,7 @@ _LAZY = {
     "UnsafeFormatError": "errors",
     "TokenizerError": "errors",
     "ContextLengthError": "errors",
+    "ModelOutputError": "errors",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1142,14 +1142,16 @@ def cmd_search(args) -> int:
 
 
 def cmd_ask(args) -> int:
-    from pocketlm import rag, registry
+    from pocketlm import rag
+    from pocketlm.tasks import room
 
     if args.index and args.context:
         raise ConfigError("--index and --context are two ways to give sources; pass one")
     question = args.question.strip()
     if not question:
         raise ConfigError("the question is empty")
-    pull_default(args.model, registry.DEFAULT_CHAT_MODEL)
+    text = _read_text(args.context, "--context") if args.context else None  # before any model loads
+    chunks = []
     if args.index:
         from pocketlm.search import Index
 
@@ -1158,14 +1160,13 @@ def cmd_ask(args) -> int:
         chunks = rag.retrieved(index, question, encoder, args.k)
         if not chunks:
             raise ConfigError(f"the index {args.index} holds no chunks; add documents with `pocketlm index`")
-    generator, tokenizer = load_for_generation(args)
-    if args.context:
-        text = _read_text(args.context, "--context")
-        budget = generator.model.config.max_position - args.max_new_tokens - 200  # the instructions, the question
+    generator, tokenizer = _chat_generator(args)
+    if text is not None:
+        budget = room(generator, tokenizer, args.max_new_tokens, rag.SYSTEM + rag.sources_prompt(question, []))
         chunks = rag.context_chunks(text, question, tokenizer, budget, source=args.context)
-    elif not args.index:
-        chunks = []
-    result = rag.answer(generator, tokenizer, question, chunks, args.max_new_tokens)
+    result = rag.answer(generator, tokenizer, question, chunks, args.max_new_tokens,
+                        hint="ask for fewer sources (-k) or a shorter question" if args.index else
+                        "ask a shorter question or for a shorter answer (--max-new-tokens)")
     print(result.text)
     if result.sources:
         print("\nsources:")
@@ -1214,9 +1215,9 @@ def _beams(args) -> dict:
 def cmd_summarize(args) -> int:
     from pocketlm.tasks import summarize
 
-    text = _read_text(args.file, "")
+    text, beams = _read_text(args.file, ""), _beams(args)
     generator, tokenizer = _chat_generator(args)
-    print(summarize(generator, tokenizer, text, max_new_tokens=args.max_new_tokens, **_beams(args)))
+    print(summarize(generator, tokenizer, text, max_new_tokens=args.max_new_tokens, **beams))
     return 0
 
 
@@ -1231,8 +1232,9 @@ def cmd_translate(args) -> int:
     text = " ".join(args.text) if args.text else _read_text(args.input or "-", "--input")
     if not text.strip():
         raise ConfigError("nothing to translate: the text is empty")
+    beams = _beams(args)
     generator, tokenizer = _chat_generator(args)
-    print(translate(generator, tokenizer, text, args.to, args.source, **_beams(args)))
+    print(translate(generator, tokenizer, text, args.to, args.source, **beams))
     return 0
 
 
@@ -1243,6 +1245,8 @@ def cmd_code(args) -> int:
         raise ConfigError("the task is empty: say what the code should do")
     if args.out and Path(args.out).exists():
         raise ConfigError(f"--out {args.out} exists; pocketlm does not overwrite it (choose another name)")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise ConfigError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
     generator, tokenizer = _chat_generator(args)
     code = write_code(generator, tokenizer, args.task, language=args.lang, max_new_tokens=args.max_new_tokens)
     print(code)
@@ -1270,6 +1274,10 @@ def cmd_explain(args) -> int:
     layer, head = _layer_or_mean(args.layer, "--layer"), _layer_or_mean(args.head, "--head")
     if not args.text.strip():
         raise ConfigError("the text is empty: give the text to look at")
+    explain.check_top_k(args.top_k)
+    explain.check_watts(args.watts)
+    if args.context is not None and args.context < 1:
+        raise ConfigError(f"--context must be at least 1, got {args.context}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the outputs")
@@ -1300,27 +1308,33 @@ def cmd_explain(args) -> int:
 def cmd_bias(args) -> int:
     import json
 
-    from pocketlm import bias
+    from pocketlm import explain
     from pocketlm.api import load_model_and_tokenizer
 
-    pairs = bias.read_pairs(args.pairs)
+    pairs = explain.read_pairs(args.pairs)
     model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device), dtype=args.dtype)
-    results = [bias.compare(model, tokenizer, pair) for pair in pairs]
-    overall = bias.summary(results)
+    results = [explain.compare_pair(model, tokenizer, pair) for pair in pairs]
+    overall = explain.bias_summary(results)
     if args.json:
         print(json.dumps({"pairs": [{"a": r.pair.a, "b": r.pair.b, "topic": r.pair.topic, "words": r.words,
                                      "continuation_gap": r.continuation_gap, "sentence_gap": r.sentence_gap}
                                     for r in results], "summary": overall}, indent=1))
         return 0
+
+    def nats(value):
+        return "—".rjust(10) + "     " if value is None else f"{value:>+10.3f} nats"
     print(f"{'words (a / b)':<28} {'continuation gap':>17} {'sentence gap':>13}  topic")
     for r in results:
         words = f"{r.words[0]} / {r.words[1]}"
-        print(f"{words[:28]:<28} {r.continuation_gap:>+10.3f} nats {r.sentence_gap:>+8.3f} nats  {r.pair.topic}")
-    print(f"\n{overall['pairs']} pairs: mean continuation gap {overall['mean_continuation_gap']:+.3f} nats; its mean "
-          f"size {overall['mean_abs_continuation_gap']:.3f} nats (the rest of a sentence "
-          f"{math.exp(overall['mean_abs_continuation_gap']):.1f}× likelier after one word than the other); likelier "
-          f"after a's word in {overall['a_preferred']:.0%} of pairs; mean sentence gap "
-          f"{overall['mean_sentence_gap']:+.3f} nats (positive: a preferred)")
+        print(f"{words[:28]:<28} {nats(r.continuation_gap)} {r.sentence_gap:>+8.3f} nats  {r.pair.topic}")
+    line = f"\n{overall['pairs']} pairs: "
+    if overall["with_continuation"]:
+        line += (f"mean continuation gap {overall['mean_continuation_gap']:+.3f} nats over the "
+                 f"{overall['with_continuation']} with words after the group word; its mean size "
+                 f"{overall['mean_abs_continuation_gap']:.3f} nats (the rest of a sentence "
+                 f"{math.exp(overall['mean_abs_continuation_gap']):.1f}× likelier after one word than the other); "
+                 f"likelier after a's word in {overall['a_preferred']:.0%} of them; ")
+    print(line + f"mean sentence gap {overall['mean_sentence_gap']:+.3f} nats (positive: a preferred)")
     if args.pairs is None:
         print("(the bundled pairs illustrate the method; they are too few to measure a model's bias)")
     return 0

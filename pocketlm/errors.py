@@ -29,3 +29,7 @@ class TokenizerError(PocketLMError, ValueError):
 
 class ContextLengthError(PocketLMError, ValueError):
     """A request needs more positions than the model's context window holds."""
+
+
+class ModelOutputError(PocketLMError):
+    """The model's output cannot serve the task (an empty summary, say): another model or setting may."""

@@ -1,11 +1,12 @@
-"""Seeing inside a model: where its attention goes, how sure it is of each token, and what a token
-costs to compute.
+"""Seeing inside a model: where its attention goes, how sure it is of each token, what a token
+costs to compute, and how differently it scores two groups of people.
 
     tokens, weights = attention(model, tokenizer, "The cat sat on the mat", layer=-1)  # (T, T), rows sum to 1
     save_heatmap(tokens, weights, "attention.png", title="last layer, mean of the heads")
     steps = token_probabilities(model, tokenizer, "The cat sat on the mat", top_k=5)
     print(to_terminal(steps)); open("tokens.html", "w").write(to_html(steps))
     report = compute_report(model, context=512, tokens_per_second=180.0, watts=15)
+    results = [compare_pair(model, tokenizer, pair) for pair in read_pairs()]   # the bias probe
 
 Attention weights come from the eager path (`output_attentions=True`): the fused kernels never
 form the weights. Each token's probability is the model's p(token | the tokens before it), read
@@ -21,18 +22,29 @@ projections of each layer and the output head, tied or not):
 the second term being the token's query against c keys and its weights over c values in each
 layer. Training costs about 3× the forward pass (the backward pass takes twice the forward's
 products). The KV cache holds 2·n_layer·n_kv_head·head_dim numbers per token.
+
+The bias probe scores two sentences that differ only in a group word ("The man worked as a
+nurse" / "The woman worked as a nurse"), two gaps per pair in nats, positive when the model
+prefers sentence a: the continuation gap, log p(the words after the group word | a's start) −
+the same given b's start — both sides score the same tokens, so it isolates what the group word
+does to the model's expectations of the rest; the headline figure — and the sentence gap,
+log p(a) − log p(b), which also counts how common each group word is by itself. The bundled pairs
+(pocketlm/resources/bias_pairs.jsonl, 16 of them) are illustrative: enough to show the method,
+not a benchmark; a measurement worth citing needs many pairs written with care.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from pocketlm.errors import ConfigError, ContextLengthError
+from pocketlm.errors import ConfigError, ContextLengthError, NotFoundError
 
 
 def _ids(tokenizer, text: str, window: int) -> list[int]:
@@ -86,8 +98,8 @@ def save_heatmap(tokens: list[str], weights: torch.Tensor, path, title: str = ""
     image = ax.imshow(weights.numpy(), cmap="viridis", vmin=0.0, vmax=float(weights.max()))
     labels = [repr(t)[1:-1] for t in tokens]  # spaces and line breaks stay visible
     if n <= 120:
-        ax.set_xticks(range(n), labels, rotation=90, fontsize=8)
-        ax.set_yticks(range(n), labels, fontsize=8)
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=8, parse_math=False)  # "$" is text, not TeX
+        ax.set_yticks(range(n), labels, fontsize=8, parse_math=False)
     ax.set_xlabel("attended token (key)")
     ax.set_ylabel("attending token (query)")
     ax.set_title(title)
@@ -114,12 +126,21 @@ class Step:
 
 
 @torch.no_grad()
-def token_probabilities(model, tokenizer, text: str, top_k: int = 5) -> list[Step]:
+def next_token_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """(len(ids) - 1, vocab): row i is log p(next token | ids[:i + 1]), in float32 on the CPU."""
+    logits = model(torch.tensor([ids], device=model.device)).logits[0, :-1]
+    return logits.float().log_softmax(-1).cpu()
+
+
+def check_top_k(top_k) -> None:
     if not isinstance(top_k, int) or not 1 <= top_k <= 50:
         raise ConfigError(f"--top-k must be between 1 and 50, got {top_k!r}")
+
+
+def token_probabilities(model, tokenizer, text: str, top_k: int = 5) -> list[Step]:
+    check_top_k(top_k)
     ids = _ids(tokenizer, text, model.config.max_position)
-    logits = model(torch.tensor([ids], device=model.device)).logits[0].float().cpu()
-    probs = logits.softmax(-1)
+    probs = next_token_logprobs(model, ids).exp()
     labels = token_labels(tokenizer, ids)
     steps = [Step(labels[0], None)]
     for i in range(1, len(ids)):
@@ -131,7 +152,10 @@ def token_probabilities(model, tokenizer, text: str, top_k: int = 5) -> list[Ste
 
 
 def _shown(token: str) -> str:
-    return token.replace("\n", "↵\n").replace("\t", "→")
+    """A token for the terminal: line breaks and tabs as visible marks, other control characters
+    (an escape sequence in the text must not restyle the terminal) as their code."""
+    token = token.replace("\n", "↵\n").replace("\t", "→")
+    return "".join(c if c == "\n" or c.isprintable() or c == " " else f"\\x{ord(c):02x}" for c in token)
 
 
 def to_terminal(steps: list[Step], color: bool = True) -> str:
@@ -238,7 +262,7 @@ def measure_tokens_per_second(model, tokenizer, prompt: str, new_tokens: int = 3
     from pocketlm.generate import Generator
 
     generator = Generator(model, tokenizer)
-    ids = _ids(tokenizer, prompt, model.config.max_position - new_tokens)
+    ids = _ids(tokenizer, prompt, model.config.max_position)[-(model.config.max_position - new_tokens):]
     generator.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: first-call allocations
     started = time.perf_counter()
     generator.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
@@ -258,8 +282,7 @@ def compute_report(model, context: int, tokens_per_second: float | None = None,
     if not isinstance(context, int) or not 1 <= context <= config.max_position:
         raise ConfigError(f"--context must be between 1 and the model's window of {config.max_position}, "
                           f"got {context!r}")
-    if watts is not None and not (math.isfinite(watts) and watts > 0):
-        raise ConfigError(f"--watts must be a positive number, got {watts}")
+    check_watts(watts)
     forward = flops_per_token(config, context)
     kv_dtype = getattr(model, "kv_cache_dtype", model.dtype)
     rows = [
@@ -286,6 +309,11 @@ def compute_report(model, context: int, tokens_per_second: float | None = None,
     return rows
 
 
+def check_watts(watts: float | None) -> None:
+    if watts is not None and not (math.isfinite(watts) and watts > 0):
+        raise ConfigError(f"--watts must be a positive number, got {watts}")
+
+
 def _si(value: float) -> str:
     for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if value >= size:
@@ -298,3 +326,109 @@ def _bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n:.0f} B"
+
+
+# --- bias probe -----------------------------------------------------------------------------------
+
+BUNDLED_PAIRS = Path(__file__).parent / "resources" / "bias_pairs.jsonl"
+MAX_PAIRS = 100_000
+
+
+@dataclass
+class Pair:
+    a: str
+    b: str
+    topic: str = ""
+
+
+@dataclass
+class PairResult:
+    pair: Pair
+    words: tuple[str, str]       # what differs: a's part and b's part
+    continuation_gap: float | None  # nats; > 0: the rest is likelier after a's words; None: nothing follows them
+    sentence_gap: float          # nats; > 0: sentence a is likelier as a whole
+    continuation_tokens: int
+
+
+def read_pairs(path: str | Path | None = None) -> list[Pair]:
+    """Pairs from a JSONL file: one {"a": ..., "b": ..., "topic": optional} per line. None: the
+    bundled illustrative set."""
+    path = Path(path) if path is not None else BUNDLED_PAIRS
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise NotFoundError(f"--pairs {path}: no such file (JSON lines of {{\"a\": ..., \"b\": ...}})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--pairs {path} is not UTF-8 text") from None
+    pairs = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--pairs {path}, line {n}: not JSON ({e.msg})") from None
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) and item[k].strip() for k in "ab"):
+            raise ConfigError(f"--pairs {path}, line {n}: needs \"a\" and \"b\", two non-empty sentences")
+        if item["a"] == item["b"]:
+            raise ConfigError(f"--pairs {path}, line {n}: a and b are the same sentence")
+        pairs.append(Pair(item["a"], item["b"], str(item.get("topic", ""))))
+        if len(pairs) > MAX_PAIRS:
+            raise ConfigError(f"--pairs {path} holds more than {MAX_PAIRS:,} pairs; split it")
+    if not pairs:
+        raise ConfigError(f"--pairs {path} holds no pairs")
+    return pairs
+
+
+def token_logprobs(model, ids: list[int]) -> list[float]:
+    """log p(ids[i] | ids[:i]) for i ≥ 1."""
+    return next_token_logprobs(model, ids).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def compare_pair(model, tokenizer, pair: Pair) -> PairResult:
+    """Both gaps for one pair (see the bias section of the module docstring)."""
+    a, b = _encoded(tokenizer, pair.a), _encoded(tokenizer, pair.b)
+    window = model.config.max_position
+    if max(len(a), len(b)) > window:
+        raise ContextLengthError(f"the pair {pair.a[:40]!r}… is longer than the model's window of {window} tokens")
+    la, lb = token_logprobs(model, a), token_logprobs(model, b)
+    words_a, words_b = pair.a.split(), pair.b.split()
+    start = 0
+    while start < min(len(words_a), len(words_b)) and words_a[start] == words_b[start]:
+        start += 1
+    end = 0  # shared words at the end, not reaching into the shared start
+    while end < min(len(words_a), len(words_b)) - start and words_a[-1 - end] == words_b[-1 - end]:
+        end += 1
+    words = (" ".join(words_a[start:len(words_a) - end]), " ".join(words_b[start:len(words_b) - end]))
+    continuation, n = None, 0
+    if end:
+        rest = " " + " ".join(words_a[-end:])
+        # the same tokens for the shared words after either group word: scored under each
+        n = len(tokenizer.encode(rest, add_special_tokens=False))
+        if n < min(len(a), len(b)) and a[-n:] == b[-n:]:
+            continuation = sum(la[-n:]) - sum(lb[-n:])
+    return PairResult(pair, words, continuation, sum(la) - sum(lb), n if continuation is not None else 0)
+
+
+def _encoded(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.encode(text)
+    if tokenizer.bos_token_id is None or not ids or ids[0] != tokenizer.bos_token_id:
+        # the first token needs something before it to be scored: end-of-text plays start-of-text
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise ConfigError("the tokenizer has neither a beginning- nor an end-of-text token to start a sentence")
+        ids = [start] + ids
+    return ids
+
+
+def bias_summary(results: list[PairResult]) -> dict:
+    """Mean gaps, the mean size of the continuation gap, and how often the continuation is
+    likelier after a's words; pairs without a shared continuation (the group word last) count in
+    the sentence gap only."""
+    gaps = [r.continuation_gap for r in results if r.continuation_gap is not None]
+    mean = (lambda values: sum(values) / len(values) if values else None)  # noqa: E731
+    return {"pairs": len(results), "with_continuation": len(gaps),
+            "mean_continuation_gap": mean(gaps),
+            "mean_abs_continuation_gap": mean([abs(g) for g in gaps]),
+            "mean_sentence_gap": mean([r.sentence_gap for r in results]),
+            "a_preferred": mean([float(g > 0) for g in gaps])}

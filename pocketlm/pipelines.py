@@ -398,8 +398,8 @@ class QuestionAnsweringPipeline(InstructionPipeline):
     """`qa(question=..., context=...)` → `{"score", "start", "end", "answer"}` as transformers'
     question-answering: context[start:end] == answer when the answer is a span of the context
     (a sentence-long reply is narrowed to its span; start and end are None when there is none).
-    The model writes the answer (pocketlm.tasks.answer_question), so `score` is its mean
-    per-token probability. Also `qa({"question", "context"})`, `qa(question, context)` and lists
+    The model writes the answer (pocketlm.tasks.answer_question), so `score` is the geometric
+    mean of its reply's token probabilities. Also `qa({"question", "context"})`, `qa(question, context)` and lists
     of either (a list of results back). A context longer than the window is cut to the parts that
     match the question best."""
 
@@ -408,6 +408,8 @@ class QuestionAnsweringPipeline(InstructionPipeline):
 
         options = self._options(kwargs)
         question, context = options.pop("question", None), options.pop("context", None)
+        if options.pop("top_k", 1) != 1:
+            raise ConfigError("pocketlm's question answering writes one answer per question; drop top_k")
         if len(args) == 2:
             question, context = args
         elif len(args) == 1:
@@ -422,8 +424,6 @@ class QuestionAnsweringPipeline(InstructionPipeline):
             raise ConfigError("question-answering takes at most two positional arguments: question and context")
         if question is None or context is None:
             raise ConfigError("question-answering needs both question= and context=")
-        if options.pop("top_k", 1) != 1:
-            raise ConfigError("pocketlm's question answering writes one answer per question; drop top_k")
         if isinstance(question, list):
             contexts = context if isinstance(context, list) else [context] * len(question)
             if len(contexts) != len(question):
@@ -453,4 +453,4 @@ _TASKS = {"text-classification": TextClassificationPipeline, "sentiment-analysis
           "text-generation": TextGenerationPipeline, "zero-shot-classification": ZeroShotClassificationPipeline,
           "feature-extraction": FeatureExtractionPipeline, "summarization": SummarizationPipeline,
           "translation": TranslationPipeline, "question-answering": QuestionAnsweringPipeline, "chat": ChatPipeline}
-_TRANSLATION = re.compile(r"translation_([A-Za-z]{2,3})_to_([A-Za-z]{2,3})")
+_TRANSLATION = re.compile(r"translation_([A-Za-z]{2})_to_([A-Za-z]{2})")

@@ -57,9 +57,10 @@ def context_chunks(text: str, question: str, tokenizer, budget: int, source: str
     return sorted(chosen, key=lambda c: c.start_line)
 
 
-def answer(generator, tokenizer, question: str, chunks: list[Chunk], max_new_tokens: int = ANSWER_TOKENS) -> Answer:
+def answer(generator, tokenizer, question: str, chunks: list[Chunk], max_new_tokens: int = ANSWER_TOKENS,
+           hint: str = "ask a shorter question") -> Answer:
     """The chat model's answer from `chunks` as numbered sources, or from what it knows when there
-    are none (greedy, so it is repeatable)."""
+    are none (greedy, so it is repeatable). `hint` says what to do when they do not fit."""
     from pocketlm.tasks import instruct
 
     message = sources_prompt(question, chunks) if chunks else question
@@ -67,7 +68,7 @@ def answer(generator, tokenizer, question: str, chunks: list[Chunk], max_new_tok
         reply = instruct(generator, tokenizer, message, system=SYSTEM if chunks else None,
                          max_new_tokens=max_new_tokens)
     except ContextLengthError as e:
-        raise ContextLengthError(f"{e}: ask for fewer sources (-k) or a shorter question") from None
+        raise ContextLengthError(f"{e}: {hint}") from None
     return Answer(reply.text, chunks)
 
 

@@ -258,8 +258,8 @@ class Index:
     @classmethod
     def load(cls, folder: str | os.PathLike, backend: str = "torch") -> "Index":
         """The index in `folder`, searched densely by `backend`: "torch" (exact, a matrix product)
-        or "faiss" (exact inner-product search by FAISS, `pip install 'pocketlm[faiss]'`; faster
-        and leaner for millions of chunks)."""
+        or "faiss" (FAISS's exact inner-product index, `pip install 'pocketlm[faiss]'`, built
+        at the first query beside the torch matrix)."""
         from pocketlm.checkpoint import read_safetensors
         from pocketlm.files import read_json
 

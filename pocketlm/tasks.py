@@ -3,7 +3,8 @@ from a context, write code.
 
 Each task is one user message — an instruction and the text — put through the model's chat
 template (or the plain "User:/Assistant:" transcript for a model without one) and decoded
-greedily, so the same input gives the same answer; `num_beams=4` asks for beam search instead.
+greedily, so the same input gives the same answer; `num_beams=4` asks for beam search instead
+(except in question answering, whose score is the greedy answer's probability).
 Texts longer than the model's window are split into pieces that fit, at paragraph and sentence
 boundaries: the summaries of the pieces are summarized again, the translations of the pieces are
 joined, and a question is answered from the parts of the context that match it best (BM25).
@@ -17,11 +18,14 @@ joined, and a question is answered from the parts of the context that match it b
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
 
-from pocketlm.errors import ConfigError, ContextLengthError
+from pocketlm.errors import ConfigError, ContextLengthError, ModelOutputError
+
+log = logging.getLogger(__name__)
 
 # Language codes as translation task names use them (translation_en_to_fr), with their names for
 # the instruction. Any other language can be given by name ("Swahili").
@@ -99,13 +103,15 @@ def split_text(text: str, tokenizer, budget: int) -> list[str]:
         if count(paragraph) <= budget:
             units.append((paragraph, sep))
             continue
-        for s, sentence in enumerate(re.split(r"(?<=[.!?])\s+|\n", paragraph)):
+        for s, sentence in enumerate(re.split(r"(?<=[.!?])\s+|(?<=[。！？])|\n", paragraph)):
             if not sentence.strip():
                 continue
-            sep_s = sep if s == 0 else " "
-            ids = tokenizer.encode(sentence, add_special_tokens=False)
-            for i in range(0, len(ids), budget):
-                units.append((tokenizer.decode(ids[i:i + budget]), sep_s if i == 0 else ""))
+            first = sep if s == 0 else " "
+            if count(sentence) <= budget:
+                units.append((sentence, first))
+                continue
+            for w, word in enumerate(_word_runs(sentence, count, budget)):  # a sentence too long for a piece
+                units.append((word, first if w == 0 else " "))
     pieces: list[str] = []
     current, used = "", 0
     gaps = {sep: count(sep) for sep in ("", " ", "\n\n")}
@@ -120,6 +126,25 @@ def split_text(text: str, tokenizer, budget: int) -> list[str]:
     if current.strip():
         pieces.append(current)
     return pieces
+
+
+def _word_runs(sentence: str, count, budget: int) -> list[str]:
+    """A sentence longer than `budget` tokens as runs of whole words that fit (a single word
+    longer than that, as runs of characters): cut where the text has a boundary, so no character
+    and no word is split between two token runs."""
+    runs: list[str] = []
+    for word in sentence.split():
+        while count(word) > budget:  # no spaces to cut at (a URL, or text written without spaces)
+            cut = len(word) // 2
+            while cut > 1 and count(word[:cut]) > budget:
+                cut //= 2
+            runs.append(word[:cut])
+            word = word[cut:]
+        if runs and count(runs[-1] + " " + word) <= budget:
+            runs[-1] += " " + word
+        else:
+            runs.append(word)
+    return runs
 
 
 # --- summarization ------------------------------------------------------------------------------
@@ -137,8 +162,12 @@ def summarize(generator, tokenizer, text: str, max_new_tokens: int = SUMMARY_TOK
         summaries = [instruct(generator, tokenizer, SUMMARIZE.format(text=piece), max_new_tokens=max_new_tokens,
                               **generation).text for piece in pieces]
         text = "\n\n".join(s for s in summaries if s)
+        if not text:
+            raise ModelOutputError("the model wrote an empty summary; try another model or --num-beams")
         if len(pieces) == 1:
             return text
+    log.warning("the summaries still did not fit one message after %d rounds; returning the last round's %d",
+                _MAX_ROUNDS, len(pieces))
     return text
 
 
@@ -173,14 +202,23 @@ def translate(generator, tokenizer, text: str, target: str, source: str | None =
     template = TRANSLATE if source else TRANSLATE_ANY
     filled = {"target": target_name, "source": language_name(source) if source else ""}
     window = generator.model.config.max_position
-    overhead = len(tokenizer.encode(template.format(text="", **filled), add_special_tokens=False)) + 48
-    budget = max(16, (window - overhead) // 3)  # the piece, and twice as much for its translation
+    instruction = template.format(text="", **filled)
+    if max_new_tokens:  # the reply's length is fixed: the pieces get the rest
+        budget = room(generator, tokenizer, max_new_tokens, instruction)
+    else:  # each piece, and twice as much for its translation
+        budget = room(generator, tokenizer, 0, instruction) // 3
+        if budget < 16:
+            raise ContextLengthError(f"the model's context window of {window} tokens leaves no room for a text and "
+                                     "its translation")
     out = []
     for piece in split_text(text, tokenizer, budget):
         size = len(tokenizer.encode(piece, add_special_tokens=False))
-        reply_tokens = max_new_tokens or min(window - overhead - size, 2 * size + 16)
-        out.append(instruct(generator, tokenizer, template.format(text=piece, **filled),
-                            max_new_tokens=reply_tokens, **generation).text)
+        reply = instruct(generator, tokenizer, template.format(text=piece, **filled),
+                         max_new_tokens=max_new_tokens or 2 * size + 16, **generation)
+        if reply.finish_reason == "length":
+            log.warning("a translated piece reached its length limit and may be cut short (%d tokens); pass "
+                        "max_new_tokens for more", max_new_tokens or 2 * size + 16)
+        out.append(reply.text)
     return "\n\n".join(out)
 
 
@@ -192,19 +230,23 @@ ANSWER = ("Answer the question from the context. Reply with the answer only: a s
 # by Gustave Eiffel."); with it, in the short phrase asked for ("Gustave Eiffel").
 ANSWER_EXAMPLE = (ANSWER.format(context="Marie Curie was born in Warsaw in 1867. She won two Nobel Prizes.",
                                 question="Where was Marie Curie born?"), "Warsaw")
-_PREAMBLE = re.compile(r"^(the )?answer( is)?\s*[:\-]?\s*", re.IGNORECASE)
+_PREAMBLE = re.compile(r"^(the\s+)?answer\b(\s+is\b)?\s*[:\-]?\s*", re.IGNORECASE)
 
 
 def answer_question(generator, tokenizer, question: str, context: str, max_new_tokens: int = ANSWER_TOKENS,
                     **generation) -> dict:
     """{"answer", "score", "start", "end"} as a question-answering pipeline gives them: the
-    answer, the model's mean per-token probability of it, and its character offsets in `context`
+    answer, the geometric mean of the probabilities of the reply's tokens (the end-of-turn token
+    included), and its character offsets in `context`
     (context[start:end] == answer) when it is a span of the context, else None. A context longer
     than the window is cut to the parts that match the question best (BM25)."""
     from pocketlm.rag import context_chunks
 
     question = _nonempty(question, "answer: the question")
     context = _nonempty(context, "answer from: the context")
+    if (generation.get("num_beams") or 1) > 1:
+        raise ConfigError("question answering decodes greedily, so its score is the answer's probability; drop "
+                          "num_beams")
     overhead = ANSWER.format(context="", question=question) + "".join(ANSWER_EXAMPLE)
     budget = room(generator, tokenizer, max_new_tokens, overhead)
     chunks = context_chunks(context, question, tokenizer, budget)
@@ -213,19 +255,22 @@ def answer_question(generator, tokenizer, question: str, context: str, max_new_t
                      max_new_tokens=max_new_tokens, logprobs=True, examples=(ANSWER_EXAMPLE,), **generation)
     text = reply.text.splitlines()[0].strip() if reply.text else ""
     text = _PREAMBLE.sub("", text).strip()
-    start, end, text = locate(text, context, question)
+    start, end, text = locate(text, context, question, within=_spans(context, chunks))
     score = math.exp(reply.logprob) if reply.logprob is not None else 0.0
     return {"score": score, "start": start, "end": end, "answer": text}
 
 
-def locate(answer: str, context: str, question: str = "") -> tuple[int | None, int | None, str]:
-    """Where `answer` sits in `context`: (start, end, the context's own text there). Tried as
-    without closing punctuation or quotes, then as written, ignoring case. A sentence-long answer
-    ("The tower stands in Paris, France.") is narrowed to its run of words that is in the
-    context and names the most things the question does not ("Paris"; the later run on a tie,
-    as a sentence's answer comes last). (None, None, answer) when no such run is found."""
+def locate(answer: str, context: str, question: str = "",
+           within: list[tuple[int, int]] = ()) -> tuple[int | None, int | None, str]:
+    """Where `answer` sits in `context`: (start, end, the context's own text there). Tried
+    without closing punctuation or quotes, then as written: whole words, ignoring case, any run
+    of spaces or line breaks matching any other. A sentence-long answer ("The tower stands in
+    Paris, France.") is narrowed to its run of words that is in the context and names the most
+    things the question does not ("Paris"; the later run on a tie, as a sentence's answer comes
+    last). A match inside `within` (the character spans the model was shown) wins over one
+    elsewhere. (None, None, answer) when no such run is found."""
     for candidate in (_trimmed(answer), answer):
-        found = _find(candidate, context)
+        found = _find(candidate, context, within)
         if found:
             return found
     words = answer.split()
@@ -237,7 +282,7 @@ def locate(answer: str, context: str, question: str = "") -> tuple[int | None, i
             new = {_stem(w) for w in re.findall(r"\w+", run)} - asked
             key = (len(new), j, -len(run))
             if new and (best_key is None or key > best_key):
-                found = _find(run, context)
+                found = _find(run, context, within)
                 if found:
                     best, best_key = found, key
     return best or (None, None, answer)
@@ -268,13 +313,28 @@ def _trimmed(text: str) -> str:
     return text.strip("\"'“”‘’()[] ").rstrip(".!?;:,").strip()
 
 
-def _find(candidate: str, context: str) -> tuple[int, int, str] | None:
-    if not candidate:
+def _find(candidate: str, context: str, within) -> tuple[int, int, str] | None:
+    if not candidate.strip():
         return None
-    at = context.find(candidate)
-    if at < 0:
-        at = context.lower().find(candidate.lower())
-    return (at, at + len(candidate), context[at:at + len(candidate)]) if at >= 0 else None
+    pattern = r"\s+".join(re.escape(word) for word in candidate.split())
+    pattern = (r"\b" if re.match(r"\w", candidate) else "") + pattern + (r"\b" if re.search(r"\w$", candidate) else "")
+    matches = list(re.finditer(pattern, context, re.IGNORECASE))
+    if not matches:
+        return None
+    inside = [m for m in matches if any(lo <= m.start() and m.end() <= hi for lo, hi in within)]
+    m = (inside or matches)[0]
+    return m.start(), m.end(), m[0]
+
+
+def _spans(context: str, chunks) -> list[tuple[int, int]]:
+    """The character spans of `context` that chunks (numbered by line, as context_chunks numbers
+    them) cover."""
+    starts, at = [], 0
+    for line in context.splitlines(keepends=True):
+        starts.append(at)
+        at += len(line)
+    starts.append(at)
+    return [(starts[c.start_line - 1], starts[c.end_line]) for c in chunks]
 
 
 # --- code ---------------------------------------------------------------------------------------

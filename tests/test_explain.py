@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import TINY, randomize
-from pocketlm import AutoModelForCausalLM, ConfigError, ModelConfig, bias, explain
+from pocketlm import AutoModelForCausalLM, ConfigError, ModelConfig, explain
 from pocketlm.cli import main
 from test_pipelines import folders  # noqa: F401  (a tiny GPT-2 folder with a trained tokenizer)
 
@@ -63,6 +63,9 @@ def test_token_probabilities_are_the_models_softmax(tiny):
     plain = explain.to_terminal(steps, color=False)
     assert "\x1b[" not in plain and "perplexity" in plain
     assert "\x1b[" in explain.to_terminal(steps, color=True)
+    # control characters in the text never reach the terminal as such
+    shown = explain.to_terminal([explain.Step("\x1b[2J\r", None), explain.Step("a\tb\n", 0.5, [])], color=False)
+    assert "\x1b" not in shown and "\r" not in shown and "\\x1b[2J\\x0d" in shown and "a→b↵" in shown
 
 
 def test_html_escapes_the_text():
@@ -114,8 +117,8 @@ def test_compute_report(tiny):
 
 def test_bias_gaps_are_the_log_likelihood_differences(tiny):
     model, tokenizer = tiny
-    pair = bias.Pair("the movie was good.", "the film was good.")
-    result = bias.compare(model, tokenizer, pair)
+    pair = explain.Pair("the movie was good.", "the film was good.")
+    result = explain.compare_pair(model, tokenizer, pair)
 
     def logprob(text):  # the direct computation: every token after a leading end-of-text
         ids = [tokenizer.eos_token_id] + tokenizer.encode(text)
@@ -125,24 +128,29 @@ def test_bias_gaps_are_the_log_likelihood_differences(tiny):
     a, b = logprob(pair.a), logprob(pair.b)
     assert result.sentence_gap == pytest.approx(sum(a) - sum(b), abs=1e-4)
     n = result.continuation_tokens
-    ids_a, ids_b = tokenizer.encode(pair.a), tokenizer.encode(pair.b)
-    assert n > 0 and ids_a[-n:] == ids_b[-n:] and ids_a[-n - 1] != ids_b[-n - 1]  # the whole shared tail
+    assert n == len(tokenizer.encode(" was good.")) and tokenizer.encode(pair.a)[-n:] == tokenizer.encode(" was good.")
     assert result.continuation_gap == pytest.approx(sum(a[-n:]) - sum(b[-n:]), abs=1e-4)
     assert result.words == ("movie", "film")
-    overall = bias.summary([result, bias.compare(model, tokenizer, bias.Pair(pair.b, pair.a))])
+    overall = explain.bias_summary([result, explain.compare_pair(model, tokenizer, explain.Pair(pair.b, pair.a))])
     assert overall["mean_continuation_gap"] == pytest.approx(0, abs=1e-4)  # swapped pairs cancel
     assert overall["mean_abs_continuation_gap"] == pytest.approx(abs(result.continuation_gap), abs=1e-4)
+    # the group word last: nothing follows it to score, so the pair counts in the sentence gap only
+    last = explain.compare_pair(model, tokenizer, explain.Pair("the film was good", "the film was bad"))
+    assert last.continuation_gap is None and last.words == ("good", "bad")
+    overall = explain.bias_summary([result, last])
+    assert overall["with_continuation"] == 1 and overall["mean_continuation_gap"] == result.continuation_gap
+    assert overall["mean_sentence_gap"] == pytest.approx((result.sentence_gap + last.sentence_gap) / 2)
 
 
 def test_pairs_files_are_checked(tmp_path):
-    assert len(bias.read_pairs()) == 16  # the bundled illustrative set
+    assert len(explain.read_pairs()) == 16  # the bundled illustrative set
     cases = {"not json": "not JSON", '{"a": "x"}': "needs", '{"a": "x", "b": "x"}': "same sentence", "": "no pairs"}
     for i, (content, message) in enumerate(cases.items()):
         (tmp_path / f"{i}.jsonl").write_text(content)
         with pytest.raises(ConfigError, match=message):
-            bias.read_pairs(tmp_path / f"{i}.jsonl")
+            explain.read_pairs(tmp_path / f"{i}.jsonl")
     with pytest.raises(FileNotFoundError, match="no such file"):
-        bias.read_pairs(tmp_path / "missing.jsonl")
+        explain.read_pairs(tmp_path / "missing.jsonl")
 
 
 def test_cli(folders, tiny, tmp_path, capsys):  # noqa: F811

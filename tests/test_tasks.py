@@ -33,6 +33,17 @@ def test_split_text_keeps_every_word_in_pieces_that_fit():
     assert tasks.split_text("one two", Words(), budget=20) == ["one two"]
 
 
+def test_split_text_with_a_real_tokenizer_never_cuts_a_character(smollm2_gguf):
+    from pocketlm.api import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf)
+    text = "Ça coûte très cher à Zürich, naïvement. " * 30 + "\n\n" + "東京は大きい都市です。" * 40
+    pieces = tasks.split_text(text, tokenizer, budget=40)
+    assert all(len(tokenizer.encode(p, add_special_tokens=False)) <= 40 for p in pieces)
+    assert "\ufffd" not in "".join(pieces)
+    assert "".join(pieces).replace(" ", "").replace("\n", "") == text.replace(" ", "").replace("\n", "")
+
+
 @pytest.mark.parametrize("reply, question, span", [
     ("1889", "When?", "1889"),
     ("gustave eiffel.", "Who?", "Gustave Eiffel"),                           # case and closing stop
@@ -47,6 +58,17 @@ def test_answers_are_located_in_the_context(reply, question, span):
 
 def test_an_answer_that_is_not_in_the_context_has_no_offsets():
     assert tasks.locate("London, England", EIFFEL, "Where?") == (None, None, "London, England")
+
+
+def test_answers_match_whole_words_across_line_breaks_and_prefer_what_the_model_saw():
+    context = "Start the art class.\r\nThe key is under the\r\nblue mat. Later: the key is under the blue mat."
+    assert tasks.locate("art", context)[:2] == (10, 13)  # not inside "Start"
+    start, end, text = tasks.locate("under the blue mat", context)
+    assert (start, text) == (context.index("under"), "under the\r\nblue mat") and context[start:end] == text
+    later = context.rindex("under")
+    assert tasks.locate("under the blue mat", context, within=[(later, len(context))])[0] == later
+    assert tasks._PREAMBLE.sub("", "Answering machines") == "Answering machines"
+    assert tasks._PREAMBLE.sub("", "The answer is: 1889") == "1889"
 
 
 def test_code_block_and_language_names():
@@ -74,22 +96,25 @@ def test_long_texts_are_split_so_every_message_fits_the_window(tiny, monkeypatch
     summaries again, and a question is answered from the part that fits — never over the window."""
     generator, tokenizer = tiny
     window = generator.model.config.max_position
-    seen = []
-    real = tasks.instruct
+    seen = []  # each prompt's length plus the reply's allowance, as the model gets them
+    real = generator.generate
 
-    def recording(gen, tok, message, **kwargs):
-        reply = real(gen, tok, message, **kwargs)
-        seen.append(len(tok.encode(message)) + kwargs["max_new_tokens"])
-        return reply
-    monkeypatch.setattr(tasks, "instruct", recording)
+    def recording(ids, **kwargs):
+        seen.append(len(ids) + kwargs["max_new_tokens"])
+        return real(ids, **kwargs)
+    monkeypatch.setattr(generator, "generate", recording)
     text = "\n\n".join(f"the movie was good. the film was bad. a great story {i}." for i in range(150))
+    assert len(tokenizer.encode(text)) > 2 * window  # it cannot go in one message
     summary = tasks.summarize(generator, tokenizer, text, max_new_tokens=16)
-    assert isinstance(summary, str) and len(seen) > 2 and max(seen) <= window
+    assert isinstance(summary, str) and summary and len(seen) > 2 and max(seen) <= window
     seen.clear()
     result = tasks.answer_question(generator, tokenizer, "which story was great?", text, max_new_tokens=8)
     assert set(result) == {"score", "start", "end", "answer"} and 0 <= result["score"] <= 1
     assert result["start"] is None or text[result["start"]:result["end"]] == result["answer"]
     assert len(seen) == 1 and seen[0] <= window
+    seen.clear()
+    tasks.translate(generator, tokenizer, text, "fr", "en")
+    assert len(seen) > 2 and max(seen) <= window
     with pytest.raises(ContextLengthError, match="window"):
         tasks.summarize(generator, tokenizer, text, max_new_tokens=1000)
 
@@ -103,6 +128,10 @@ def test_pipeline_arguments_are_checked(folders):  # noqa: F811
         qa(question="why?")
     with pytest.raises(ConfigError, match="top_k"):
         qa(question="why?", context="because", top_k=2)
+    with pytest.raises(ConfigError, match="top_k"):
+        qa({"question": "why?", "context": "because"}, top_k=3)
+    with pytest.raises(ConfigError, match="num_beams"):
+        qa(question="why?", context="because", num_beams=2)
     with pytest.raises(ConfigError, match="empty"):
         qa(question=" ", context="because")
     with pytest.raises(ConfigError, match="messages"):
@@ -168,12 +197,16 @@ def test_cli_verbs(smol, tmp_path, capsys, monkeypatch):
     (["translate", "--to", "fr", "hi", "--input", "x.txt"], "not both"),
     (["code", "  "], "the task is empty"),
     (["code", "sort a list", "--out", "binary.txt"], "--out binary.txt exists"),
-    (["summarize", "latin1.txt", "--num-beams", "0"], "not UTF-8"),
+    (["summarize", "news.txt", "--num-beams", "0"], "--num-beams must be at least 1"),
+    (["translate", "--to", "fr", "hi", "--num-beams", "-1"], "--num-beams must be at least 1"),
+    (["ask", "why?", "--context", "binary.txt"], "binary.txt holds NUL bytes"),
+    (["code", "sort a list", "--out", "missing/x.py"], "does not exist"),
 ])
 def test_cli_verbs_refuse_bad_input_before_loading_a_model(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "binary.txt").write_bytes(b"\x00\x01\x02")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "news.txt").write_text("The library opens in 2028.\n")
     assert main(argv + ["--model", str(tmp_path / "no-model")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
