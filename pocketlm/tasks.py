@@ -78,16 +78,26 @@ def instruct(generator, tokenizer, message: str, *, system: str | None = None, m
     return Reply(out.text.strip(), mean, out.finish_reason)
 
 
-def room(generator, tokenizer, max_new_tokens: int, overhead: str = "") -> int:
-    """Tokens of text one message can carry: the window less the reply, the template's own
-    tokens and the instruction (`overhead`), less a margin for how pieces tokenize once joined."""
+def room(generator, tokenizer, max_new_tokens: int, instruction: str = "",
+         examples: tuple[tuple[str, str], ...] = ()) -> int:
+    """Tokens of text one message can carry: the window less the reply, and less the prompt as the
+    chat template renders it around `instruction` with no text in it (a default system message
+    included), with a small margin for how a piece tokenizes beside the instruction."""
+    from pocketlm.chat import ChatSession
+
     window = generator.model.config.max_position
-    instruction = len(tokenizer.encode(overhead, add_special_tokens=False))
-    budget = window - max_new_tokens - instruction - 48
+    session = ChatSession(tokenizer, window)
+    for shown, reply in examples:
+        session.add("user", shown)
+        session.add("assistant", reply)
+    session.add("user", instruction)
+    fixed = len(session.encode())
+    budget = window - max_new_tokens - fixed - 8
     if budget < 16:
-        raise ContextLengthError(f"the instruction ({instruction} tokens) and {max_new_tokens} tokens for the reply "
-                                 f"leave no room for the text in the model's context window of {window} tokens; ask "
-                                 "for a shorter reply (max_new_tokens) or use a model with a longer window")
+        raise ContextLengthError(f"the instruction ({fixed} tokens as the chat template renders it) and "
+                                 f"{max_new_tokens} tokens for the reply leave no room for the text in the model's "
+                                 f"context window of {window} tokens; ask for a shorter reply (max_new_tokens) or "
+                                 "use a model with a longer window")
     return budget
 
 
@@ -156,7 +166,7 @@ def summarize(generator, tokenizer, text: str, max_new_tokens: int = SUMMARY_TOK
     """A summary of `text`; a text longer than the window is summarized piece by piece, and the
     joined summaries again, until they fit one message."""
     text = _nonempty(text, "summarize")
-    budget = room(generator, tokenizer, max_new_tokens, SUMMARIZE)
+    budget = room(generator, tokenizer, max_new_tokens, SUMMARIZE.format(text=""))
     for _ in range(_MAX_ROUNDS):
         pieces = split_text(text, tokenizer, budget)
         summaries = [instruct(generator, tokenizer, SUMMARIZE.format(text=piece), max_new_tokens=max_new_tokens,
@@ -247,8 +257,8 @@ def answer_question(generator, tokenizer, question: str, context: str, max_new_t
     if (generation.get("num_beams") or 1) > 1:
         raise ConfigError("question answering decodes greedily, so its score is the answer's probability; drop "
                           "num_beams")
-    overhead = ANSWER.format(context="", question=question) + "".join(ANSWER_EXAMPLE)
-    budget = room(generator, tokenizer, max_new_tokens, overhead)
+    budget = room(generator, tokenizer, max_new_tokens, ANSWER.format(context="", question=question),
+                  examples=(ANSWER_EXAMPLE,))
     chunks = context_chunks(context, question, tokenizer, budget)
     shown = "\n".join(c.text for c in chunks)
     reply = instruct(generator, tokenizer, ANSWER.format(context=shown, question=question),
