@@ -47,13 +47,19 @@ import torch
 from pocketlm.errors import ConfigError, ContextLengthError, NotFoundError
 
 
+# Every layer's attention weights are kept for the heatmap: layers × heads × tokens² numbers
+# (30 × 9 × 512² × 4 bytes = 283 MB for SmolLM2 at this many tokens, quadratic beyond)
+MAX_TOKENS = 512
+
+
 def _ids(tokenizer, text: str, window: int) -> list[int]:
     if not isinstance(text, str) or not text.strip():
         raise ConfigError("the text to explain is empty")
     ids = tokenizer.encode(text)
-    if len(ids) > window:
-        raise ContextLengthError(f"the text is {len(ids)} tokens, beyond the model's context window of {window}; "
-                                 "shorten it")
+    limit = min(window, MAX_TOKENS)
+    if len(ids) > limit:
+        why = "the model's context window" if limit == window else "what explain looks at (its maps grow as its square)"
+        raise ContextLengthError(f"the text is {len(ids)} tokens, beyond {why} of {limit}; shorten it")
     return ids
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import TINY, randomize
-from pocketlm import AutoModelForCausalLM, ConfigError, ModelConfig, explain
+from pocketlm import AutoModelForCausalLM, ConfigError, ContextLengthError, ModelConfig, explain
 from pocketlm.cli import main
 from test_pipelines import folders  # noqa: F401  (a tiny GPT-2 folder with a trained tokenizer)
 
@@ -25,7 +25,7 @@ def tiny(folders):  # noqa: F811
 TEXT = "the movie was good. the film was bad."
 
 
-def test_attention_rows_are_causal_distributions(tiny):
+def test_attention_rows_are_causal_distributions(tiny, monkeypatch):
     model, tokenizer = tiny
     tokens, weights = explain.attention(model, tokenizer, TEXT, layer=-1, head=None)
     assert weights.shape == (len(tokens), len(tokens)) == (len(tokenizer.encode(TEXT)),) * 2
@@ -37,6 +37,12 @@ def test_attention_rows_are_causal_distributions(tiny):
     for w in (head, every):
         assert torch.allclose(w.sum(-1), torch.ones(len(tokens)), atol=1e-5)
     assert not torch.allclose(head, weights)
+    with pytest.raises(ContextLengthError, match="context window of 128"):
+        explain.attention(model, tokenizer, "good " * 129)
+    monkeypatch.setattr(explain, "MAX_TOKENS", 5)  # the maps' memory is bounded below the window too
+    with pytest.raises(ContextLengthError, match="its maps grow as its square"):
+        explain.attention(model, tokenizer, TEXT)
+    monkeypatch.undo()
     for bad in (dict(layer=2), dict(layer=-3), dict(head=4)):
         with pytest.raises(ConfigError, match="out of range"):
             explain.attention(model, tokenizer, TEXT, **{"layer": -1, "head": None, **bad})
