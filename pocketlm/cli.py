@@ -1181,6 +1181,8 @@ def _read_text(name: str, flag: str, hint: str = "") -> str:
     from pocketlm.errors import NotFoundError
 
     what = "stdin" if name == "-" else f"{flag} {name}" if flag else name
+    if name == "-" and sys.stdin.isatty():
+        print("reading the text from the terminal; end it with Ctrl-D (or pass a file)", file=sys.stderr)
     try:
         data = sys.stdin.buffer.read() if name == "-" else open(name, "rb").read()
     except FileNotFoundError:
