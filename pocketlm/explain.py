@@ -291,6 +291,7 @@ def compute_report(model, context: int, tokens_per_second: float | None = None,
     check_watts(watts)
     forward = flops_per_token(config, context)
     kv_dtype = getattr(model, "kv_cache_dtype", model.dtype)
+    kv = kv_bytes_per_token(config, kv_dtype)
     rows = [
         ("parameters", f"{model.num_parameters():,} ({model.num_parameters(exclude_embeddings=True):,} "
                        "without the embedding tables)"),
@@ -298,9 +299,8 @@ def compute_report(model, context: int, tokens_per_second: float | None = None,
         ("FLOPs per token, forward", f"{_si(forward)}FLOPs at a context of {context:,} tokens "
                                      f"({_si(flops_per_token(config, 1))}FLOPs at the start)"),
         ("FLOPs per token, training", f"{_si(3 * forward)}FLOPs (forward + backward ≈ 3 × forward)"),
-        ("KV cache per token", f"{_bytes(kv_bytes_per_token(config, kv_dtype))} "
-                               f"({str(kv_dtype).removeprefix('torch.')}; {_bytes(kv_bytes_per_token(config, kv_dtype) * config.max_position)} "
-                               f"for the full {config.max_position:,}-token window)"),
+        ("KV cache per token", f"{_bytes(kv)} ({str(kv_dtype).removeprefix('torch.')}; "
+                               f"{_bytes(kv * config.max_position)} for the full {config.max_position:,}-token window)"),
         ("weight memory", f"{_bytes(weight_bytes(model))} ({weight_dtypes(model)})"),
     ]
     if tokens_per_second is not None:

@@ -356,12 +356,12 @@ class InstructionPipeline(Pipeline):
             options.setdefault("max_new_tokens", options.pop("max_length"))
         return options
 
-    def _texts(self, inputs) -> tuple[list[str], bool]:
-        single = isinstance(inputs, str)
-        texts = [inputs] if single else list(inputs)
+    def _texts(self, inputs) -> list[str]:
+        """One text or a list of them as a list (one result per text comes back either way)."""
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
         if not all(isinstance(t, str) for t in texts):
             raise ConfigError(f"{self.task} takes a text or a list of texts")
-        return texts, single
+        return texts
 
 
 class SummarizationPipeline(InstructionPipeline):
@@ -372,7 +372,7 @@ class SummarizationPipeline(InstructionPipeline):
         from pocketlm.tasks import summarize
 
         options = self._options(kwargs)
-        texts, _ = self._texts(documents)
+        texts = self._texts(documents)
         return [{"summary_text": summarize(self.generator, self.tokenizer, text, **options)} for text in texts]
 
 
@@ -389,7 +389,7 @@ class TranslationPipeline(InstructionPipeline):
         if target is None:
             raise ConfigError("translation needs the target language: pipeline('translation_en_to_fr', ...) or "
                               "tgt_lang='fr'")
-        texts, _ = self._texts(inputs)
+        texts = self._texts(inputs)
         return [{"translation_text": translate(self.generator, self.tokenizer, text, target, source, **options)}
                 for text in texts]
 
@@ -399,9 +399,9 @@ class QuestionAnsweringPipeline(InstructionPipeline):
     question-answering: context[start:end] == answer when the answer is a span of the context
     (a sentence-long reply is narrowed to its span; start and end are None when there is none).
     The model writes the answer (pocketlm.tasks.answer_question), so `score` is the geometric
-    mean of its reply's token probabilities. Also `qa({"question", "context"})`, `qa(question, context)` and lists
-    of either (a list of results back). A context longer than the window is cut to the parts that
-    match the question best."""
+    mean of its reply's token probabilities. Also `qa({"question", "context"})`,
+    `qa(question, context)` and lists of either (a list of results back). A context longer than
+    the window is cut to the parts that match the question best."""
 
     def __call__(self, *args, **kwargs):
         from pocketlm.tasks import answer_question
@@ -428,7 +428,8 @@ class QuestionAnsweringPipeline(InstructionPipeline):
             contexts = context if isinstance(context, list) else [context] * len(question)
             if len(contexts) != len(question):
                 raise ConfigError(f"{len(question)} questions but {len(contexts)} contexts")
-            return [answer_question(self.generator, self.tokenizer, q, c, **options) for q, c in zip(question, contexts)]
+            return [answer_question(self.generator, self.tokenizer, q, c, **options)
+                    for q, c in zip(question, contexts)]
         return answer_question(self.generator, self.tokenizer, question, context, **options)
 
 
