@@ -215,8 +215,8 @@ def translate(generator, tokenizer, text: str, target: str, source: str | None =
     instruction = template.format(text="", **filled)
     if max_new_tokens:  # the reply's length is fixed: the pieces get the rest
         budget = room(generator, tokenizer, max_new_tokens, instruction)
-    else:  # each piece, and twice as much for its translation
-        budget = room(generator, tokenizer, 0, instruction) // 3
+    else:  # each piece, and twice as much (+ 16) for its translation
+        budget = room(generator, tokenizer, 16, instruction) // 3
         if budget < 16:
             raise ContextLengthError(f"the model's context window of {window} tokens leaves no room for a text and "
                                      "its translation")
@@ -247,9 +247,9 @@ def answer_question(generator, tokenizer, question: str, context: str, max_new_t
                     **generation) -> dict:
     """{"answer", "score", "start", "end"} as a question-answering pipeline gives them: the
     answer, the geometric mean of the probabilities of the reply's tokens (the end-of-turn token
-    included), and its character offsets in `context`
-    (context[start:end] == answer) when it is a span of the context, else None. A context longer
-    than the window is cut to the parts that match the question best (BM25)."""
+    included), and its character offsets in `context` (context[start:end] == answer) when it is a
+    span of the context, else None. A context longer than the window is cut to the parts that
+    match the question best (BM25)."""
     from pocketlm.rag import context_chunks
 
     question = _nonempty(question, "answer: the question")
