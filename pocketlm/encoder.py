@@ -202,8 +202,7 @@ class BertModel(nn.Module):
         missing = sorted(set(expected) - set(tensors))
         if missing:
             raise FormatError(f"{weights} lacks {len(missing)} tensors of the encoder, e.g. {missing[0]}")
-        model = cls(config)
-        model.load_state_dict(tensors)
+        model.load_state_dict(tensors, assign=True)  # the meta model takes the tensors as they are read
         return model.to(device or "cpu").eval()
 
 
