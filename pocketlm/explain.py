@@ -408,12 +408,18 @@ def compare_pair(model, tokenizer, pair: Pair) -> PairResult:
     words = (" ".join(words_a[start:len(words_a) - end]), " ".join(words_b[start:len(words_b) - end]))
     continuation, n = None, 0
     if end:
-        rest = " " + " ".join(words_a[-end:])
-        # the same tokens for the shared words after either group word: scored under each
-        n = len(tokenizer.encode(rest, add_special_tokens=False))
-        if n < min(len(a), len(b)) and a[-n:] == b[-n:]:
+        # the shared words after the group word, as the same tokens in both sentences: scored under each
+        rest = tokenizer.encode(" " + " ".join(words_a[-end:]), add_special_tokens=False)
+        n = len(rest)
+        if not (n < min(len(a), len(b)) and a[-n:] == rest == b[-n:]):
+            # they tokenize otherwise in place (a tokenizer that marks word starts its own way):
+            # the sentences' shared tail of tokens instead
+            n = 0
+            while n < min(len(a), len(b)) - 1 and a[-1 - n] == b[-1 - n]:
+                n += 1
+        if n:
             continuation = sum(la[-n:]) - sum(lb[-n:])
-    return PairResult(pair, words, continuation, sum(la) - sum(lb), n if continuation is not None else 0)
+    return PairResult(pair, words, continuation, sum(la) - sum(lb), n)
 
 
 def _encoded(tokenizer, text: str) -> list[int]:

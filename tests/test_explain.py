@@ -140,6 +140,13 @@ def test_bias_gaps_are_the_log_likelihood_differences(tiny):
     overall = explain.bias_summary([result, explain.compare_pair(model, tokenizer, explain.Pair(pair.b, pair.a))])
     assert overall["mean_continuation_gap"] == pytest.approx(0, abs=1e-4)  # swapped pairs cancel
     assert overall["mean_abs_continuation_gap"] == pytest.approx(abs(result.continuation_gap), abs=1e-4)
+    # words that tokenize otherwise in place (here, after a line break): the shared tail of tokens
+    spaced = explain.compare_pair(model, tokenizer, explain.Pair("the movie\nwas good.", "the film\nwas good."))
+    ids_a, ids_b = tokenizer.encode("the movie\nwas good."), tokenizer.encode("the film\nwas good.")
+    m = spaced.continuation_tokens
+    assert m > 0 and ids_a[-m:] == ids_b[-m:] and ids_a[-m - 1] != ids_b[-m - 1]
+    a2, b2 = logprob("the movie\nwas good."), logprob("the film\nwas good.")
+    assert spaced.continuation_gap == pytest.approx(sum(a2[-m:]) - sum(b2[-m:]), abs=1e-4)
     # the group word last: nothing follows it to score, so the pair counts in the sentence gap only
     last = explain.compare_pair(model, tokenizer, explain.Pair("the film was good", "the film was bad"))
     assert last.continuation_gap is None and last.words == ("good", "bad")
