@@ -206,9 +206,31 @@ class BertModel(nn.Module):
         return model.to(device or "cpu").eval()
 
 
-class SentenceEncoder:
+class _TextEncoder:
+    """What both encoders share: texts → token rows (`tokenize`) → vectors (`encode_ids`),
+    normalised to unit length when asked."""
+
+    def encode(self, texts: str | Sequence[str], batch_size: int = 32, normalize: bool | None = None) -> torch.Tensor:
+        """(N, dimension) float32 embeddings (a single text gives (dimension,))."""
+        single = isinstance(texts, str)
+        out = self.encode_ids(self.tokenize([texts] if single else list(texts)), batch_size, normalize)
+        return out[0] if single else out
+
+    def _finished(self, vectors: torch.Tensor, normalize: bool | None) -> torch.Tensor:
+        return F.normalize(vectors, dim=-1) if (self.normalize if normalize is None else normalize) else vectors
+
+
+def _checked_texts(texts: Sequence[str]) -> Sequence[str]:
+    for text in texts:
+        if not isinstance(text, str):
+            raise ConfigError(f"texts must be strings, got {type(text).__name__}")
+    return texts
+
+
+class SentenceEncoder(_TextEncoder):
     """Texts → fixed-size vectors: a BERT encoder, a pooling over its last hidden states, and an
-    optional normalisation to unit length (as the folder's sentence-transformers modules say)."""
+    optional normalisation to unit length (as the folder's sentence-transformers modules say).
+    Texts are batched by length, so padding stays small."""
 
     def __init__(self, model: BertModel, tokenizer, *, pooling: str = "mean", normalize: bool = True,
                  max_seq_length: int | None = None, name: str = "encoder"):
@@ -266,21 +288,12 @@ class SentenceEncoder:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, [CLS] ... [SEP], cut to max_seq_length (as sentence-transformers does)."""
         out = []
-        for text in texts:
-            if not isinstance(text, str):
-                raise ConfigError(f"texts must be strings, got {type(text).__name__}")
+        for text in _checked_texts(texts):
             ids = self.tokenizer.encode(text)
             if len(ids) > self.max_seq_length:  # keep the closing [SEP]
                 ids = ids[:self.max_seq_length - 1] + ids[-1:]
             out.append(ids)
         return out
-
-    def encode(self, texts: str | Sequence[str], batch_size: int = 32, normalize: bool | None = None) -> torch.Tensor:
-        """(N, dimension) float32 embeddings (a single text gives (dimension,)). Texts are batched by
-        length, so padding stays small."""
-        single = isinstance(texts, str)
-        out = self.encode_ids(self.tokenize([texts] if single else list(texts)), batch_size, normalize)
-        return out[0] if single else out
 
     @torch.inference_mode()
     def encode_ids(self, rows: list[list[int]], batch_size: int = 32, normalize: bool | None = None) -> torch.Tensor:
@@ -303,12 +316,10 @@ class SentenceEncoder:
             device = self.model.device
             hidden = self.model(ids.to(device), attention_mask=mask.to(device)).float().cpu()
             out[chosen] = pool(hidden, mask, self.pooling)
-        if self.normalize if normalize is None else normalize:
-            out = F.normalize(out, dim=-1)
-        return out
+        return self._finished(out, normalize)
 
 
-class DecoderEncoder:
+class DecoderEncoder(_TextEncoder):
     """Sentence embeddings from a causal LM (pocketlm's decoder models): its final normed hidden
     states pooled by `mean` over the tokens or taken at the `last` token (which has read the whole
     text), then normalised. Texts run one at a time, so no padding enters a causal model's
@@ -333,17 +344,8 @@ class DecoderEncoder:
         return cls(model, tokenizer, pooling=pooling, name=str(source))
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        rows = []
-        for text in texts:
-            if not isinstance(text, str):
-                raise ConfigError(f"texts must be strings, got {type(text).__name__}")
-            rows.append(self.tokenizer.encode(text)[-self.max_seq_length:] or [self.tokenizer.eos_token_id or 0])
-        return rows
-
-    def encode(self, texts: str | Sequence[str], batch_size: int = 32, normalize: bool | None = None) -> torch.Tensor:
-        single = isinstance(texts, str)
-        out = self.encode_ids(self.tokenize([texts] if single else list(texts)), batch_size, normalize)
-        return out[0] if single else out
+        return [self.tokenizer.encode(text)[-self.max_seq_length:] or [self.tokenizer.eos_token_id or 0]
+                for text in _checked_texts(texts)]
 
     @torch.inference_mode()
     def encode_ids(self, rows: list[list[int]], batch_size: int = 32, normalize: bool | None = None) -> torch.Tensor:
@@ -352,9 +354,7 @@ class DecoderEncoder:
             x = torch.tensor([ids], device=self.model.device)
             hidden = self.model(x, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][0].float().cpu()
             out[i] = hidden.mean(0) if self.pooling == "mean" else hidden[-1]
-        if self.normalize if normalize is None else normalize:
-            out = F.normalize(out, dim=-1)
-        return out
+        return self._finished(out, normalize)
 
 
 def is_encoder_folder(ref) -> bool:

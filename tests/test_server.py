@@ -607,11 +607,11 @@ def test_serve_refuses_bad_flags_before_loading(capsys):
 def test_embeddings_from_a_sentence_encoder(tokenizer, minilm):
     """--embedding-model minilm-l6: /v1/embeddings gives the sentence encoder's vectors."""
     from pocketlm.encoder import SentenceEncoder
-    from pocketlm.server.app import SentenceEmbedder
+    from pocketlm.server.app import Embedder
 
     encoder = SentenceEncoder.from_pretrained(minilm)
     service = Service(MODEL, tiny_model(), tokenizer, parallel=2, context=128,
-                      embedder=SentenceEmbedder("minilm", encoder))
+                      embedder=Embedder("minilm", encoder))
     server = LiveServer(create_app(service))
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)

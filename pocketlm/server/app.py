@@ -45,34 +45,10 @@ DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks its 
 
 @dataclass
 class Embedder:
-    """A decoder model used for /v1/embeddings: mean of its final hidden states over the input.
-    It runs on the scheduler's thread (Scheduler.call), between decode steps."""
-    name: str
-    model: Any
-    tokenizer: Any
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.config.vocab_size
-
-    @property
-    def window(self) -> int:
-        return self.model.config.max_position
-
-    @torch.inference_mode()
-    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        vectors = []
-        for ids in inputs:
-            x = torch.tensor([ids], device=self.model.device)
-            out = self.model(x, output_hidden_states=True, logits_to_keep=1)
-            vectors.append(out.hidden_states[-1][0].float().mean(0).tolist())
-        return vectors
-
-
-@dataclass
-class SentenceEmbedder:
-    """A sentence encoder (pocketlm.encoder.SentenceEncoder, e.g. minilm-l6) for /v1/embeddings:
-    its own pooling and normalisation, as sentence-transformers computes them."""
+    """An encoder serving /v1/embeddings: a sentence encoder (pocketlm.encoder.SentenceEncoder, e.g.
+    minilm-l6: its own pooling and normalisation, as sentence-transformers computes them) or a
+    decoder model (see decoder_embedder). It runs on the scheduler's thread (Scheduler.call),
+    between decode steps."""
     name: str
     encoder: Any
 
@@ -92,6 +68,14 @@ class SentenceEmbedder:
         return self.encoder.encode_ids(inputs).tolist()
 
 
+def decoder_embedder(name: str, model, tokenizer) -> Embedder:
+    """A decoder model's embeddings: the mean of its final hidden states over the input, not
+    normalised."""
+    from pocketlm.encoder import DecoderEncoder
+
+    return Embedder(name, DecoderEncoder(model, tokenizer, pooling="mean", normalize=False, name=name))
+
+
 class Service:
     """What the routes serve: the chat model and its scheduler, an optional embedding model."""
 
@@ -103,7 +87,7 @@ class Service:
         if context is not None and context > window:
             raise ConfigError(f"--ctx {context} is more than the model's context window of {window} tokens")
         self.scheduler = Scheduler(model, tokenizer, parallel=parallel, max_queue=max_queue, context=self.context)
-        self.embedder = embedder or Embedder(name, model, tokenizer)
+        self.embedder = embedder or decoder_embedder(name, model, tokenizer)
         self.metrics = Metrics()
         self.created = int(time.time())
 
@@ -131,9 +115,9 @@ def _embedder(ref: str, device, dtype):
 
     found = registry.resolve(ref)
     if is_encoder_folder(found):
-        return SentenceEmbedder(_served_name(ref), SentenceEncoder.from_pretrained(found, device=device))
+        return Embedder(_served_name(ref), SentenceEncoder.from_pretrained(found, device=device))
     model, tokenizer = load_model_and_tokenizer(ref, device=device, dtype=dtype)
-    return Embedder(_served_name(ref), model.eval(), tokenizer)
+    return decoder_embedder(_served_name(ref), model, tokenizer)
 
 
 def _served_name(ref: str) -> str:
@@ -365,7 +349,7 @@ def create_app(service: Service | Callable[[], Service], *, api_key: str | None 
         embedder = svc.embedder
         name = protocol.check_model(body, svc.served) if body.get("model") is not None else embedder.name
         if name != embedder.name:
-            embedder = Embedder(svc.name, svc.model, svc.tokenizer)
+            embedder = decoder_embedder(svc.name, svc.model, svc.tokenizer)
         inputs = protocol.embedding_inputs(body, embedder.tokenizer, embedder.vocab_size, embedder.window)
         vectors = await asyncio.wrap_future(svc.scheduler.call(embedder.embed, inputs))
         as_base64 = body.get("encoding_format") == "base64"
