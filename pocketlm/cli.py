@@ -1071,11 +1071,7 @@ def cmd_embed(args) -> int:
 
     texts = list(args.text)
     if args.input is not None:
-        try:
-            raw = sys.stdin.read() if args.input == "-" else Path(args.input).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"--input {args.input} is not UTF-8 text") from None
-        texts += [line for line in raw.splitlines() if line.strip()]
+        texts += [line for line in _read_text(args.input, "--input").splitlines() if line.strip()]
     if not texts:
         raise ConfigError("nothing to embed: give texts as arguments or --input FILE (one text a line, - for stdin)")
     encoder = _encoder(args.model, resolve_device(args.device), args.pooling)
@@ -1162,7 +1158,7 @@ def cmd_ask(args) -> int:
             raise ConfigError(f"the index {args.index} holds no chunks; add documents with `pocketlm index`")
     generator, tokenizer = _chat_generator(args)
     if text is not None:
-        budget = room(generator, tokenizer, args.max_new_tokens, rag.SYSTEM + rag.sources_prompt(question, []))
+        budget = room(generator, tokenizer, args.max_new_tokens, rag.sources_prompt(question, []), system=rag.SYSTEM)
         chunks = rag.context_chunks(text, question, tokenizer, budget, source=args.context)
     result = rag.answer(generator, tokenizer, question, chunks, args.max_new_tokens,
                         hint="ask for fewer sources (-k) or a shorter question" if args.index else

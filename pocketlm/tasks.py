@@ -79,14 +79,15 @@ def instruct(generator, tokenizer, message: str, *, system: str | None = None, m
 
 
 def room(generator, tokenizer, max_new_tokens: int, instruction: str = "",
-         examples: tuple[tuple[str, str], ...] = ()) -> int:
+         examples: tuple[tuple[str, str], ...] = (), system: str | None = None) -> int:
     """Tokens of text one message can carry: the window less the reply, and less the prompt as the
-    chat template renders it around `instruction` with no text in it (a default system message
-    included), with a small margin for how a piece tokenizes beside the instruction."""
+    chat template renders it around `instruction` with no text in it (after `system`, or the
+    template's default system message, and `examples`, as `instruct` sends them), with a small
+    margin for how a piece tokenizes beside the instruction."""
     from pocketlm.chat import ChatSession
 
     window = generator.model.config.max_position
-    session = ChatSession(tokenizer, window)
+    session = ChatSession(tokenizer, window, system=system)
     for shown, reply in examples:
         session.add("user", shown)
         session.add("assistant", reply)
