@@ -149,6 +149,17 @@ def read_choice_items(path: str | Path) -> list[dict]:
 
 
 @torch.no_grad()
+def next_token_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """(len(ids) - 1, vocab): row i is log p(next token | ids[:i + 1]), in float32 on the CPU."""
+    logits = model(torch.tensor([ids], device=model.device)).logits[0, :-1]
+    return logits.float().log_softmax(-1).cpu()
+
+
+def token_logprobs(model, ids: list[int]) -> list[float]:
+    """log p(ids[i] | ids[:i]) for i ≥ 1."""
+    return next_token_logprobs(model, ids).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
 def choice_loglikelihoods(model, tokenizer, context: str, choices: list[str]) -> list[float]:
     """log p(choice | context) for each choice, summed over its tokens: the context encoded as a
     prompt (special tokens included), each choice, with a leading space, encoded on its own and
@@ -161,10 +172,7 @@ def choice_loglikelihoods(model, tokenizer, context: str, choices: list[str]) ->
         ids = (ctx + cont)[-window - 1:]  # the choice always scored whole; the context's start may go
         if len(cont) >= len(ids):
             raise ConfigError(f"the choice {choice[:40]!r} alone is longer than the model's window of {window}")
-        x = torch.tensor([ids[:-1]], device=model.device)
-        logp = model(x).logits[0].float().log_softmax(-1)
-        targets = torch.tensor(ids[1:], device=logp.device)
-        out.append(float(logp[-len(cont):].gather(-1, targets[-len(cont):, None]).sum()))
+        out.append(sum(token_logprobs(model, ids)[-len(cont):]))
     return out
 
 

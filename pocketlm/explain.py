@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from pocketlm.errors import ConfigError, ContextLengthError, NotFoundError
+from pocketlm.evaluate import next_token_logprobs, token_logprobs
 
 
 # Every layer's attention weights are kept for the heatmap: layers × heads × tokens² numbers
@@ -129,13 +130,6 @@ class Step:
     token: str
     probability: float | None
     top: list[tuple[str, float]] = field(default_factory=list)
-
-
-@torch.no_grad()
-def next_token_logprobs(model, ids: list[int]) -> torch.Tensor:
-    """(len(ids) - 1, vocab): row i is log p(next token | ids[:i + 1]), in float32 on the CPU."""
-    logits = model(torch.tensor([ids], device=model.device)).logits[0, :-1]
-    return logits.float().log_softmax(-1).cpu()
 
 
 def check_top_k(top_k) -> None:
@@ -384,11 +378,6 @@ def read_pairs(path: str | Path | None = None) -> list[Pair]:
     if not pairs:
         raise ConfigError(f"--pairs {path} holds no pairs")
     return pairs
-
-
-def token_logprobs(model, ids: list[int]) -> list[float]:
-    """log p(ids[i] | ids[:i]) for i ≥ 1."""
-    return next_token_logprobs(model, ids).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
 
 
 def compare_pair(model, tokenizer, pair: Pair) -> PairResult:
