@@ -119,20 +119,12 @@ class ChoiceResult:
 
 def read_choice_items(path: str | Path) -> list[dict]:
     """A JSONL file of {"question": str, "choices": [str, ...], "answer": index or the right choice}."""
-    import json
+    from pocketlm.files import read_json_lines
 
     path = Path(path)
-    if not path.is_file():
-        raise NotFoundError(f"{path}: no such file of multiple-choice questions")
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: not JSON ({e.msg})") from None
+    for where, item in read_json_lines(path, str(path), 'multiple-choice questions, one {"question", "choices", '
+                                                        '"answer"} object a line'):
         if not isinstance(item, dict) or not isinstance(item.get("question"), str):
             raise ConfigError(f'{where}: each line is an object with "question", "choices" and "answer"')
         choices, answer = item.get("choices"), item.get("answer")

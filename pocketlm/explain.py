@@ -36,7 +36,6 @@ not a benchmark; a measurement worth citing needs many pairs written with care.
 from __future__ import annotations
 
 import html
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from pocketlm.errors import ConfigError, ContextLengthError, NotFoundError
+from pocketlm.errors import ConfigError, ContextLengthError
 from pocketlm.evaluate import next_token_logprobs, token_logprobs
 
 
@@ -353,25 +352,15 @@ class PairResult:
 def read_pairs(path: str | Path | None = None) -> list[Pair]:
     """Pairs from a JSONL file: one {"a": ..., "b": ..., "topic": optional} per line. None: the
     bundled illustrative set."""
+    from pocketlm.files import read_json_lines
+
     path = Path(path) if path is not None else BUNDLED_PAIRS
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise NotFoundError(f"--pairs {path}: no such file (JSON lines of {{\"a\": ..., \"b\": ...}})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--pairs {path} is not UTF-8 text") from None
     pairs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--pairs {path}, line {n}: not JSON ({e.msg})") from None
+    for where, item in read_json_lines(path, f"--pairs {path}", 'JSON lines of {"a": ..., "b": ...}'):
         if not isinstance(item, dict) or not all(isinstance(item.get(k), str) and item[k].strip() for k in "ab"):
-            raise ConfigError(f"--pairs {path}, line {n}: needs \"a\" and \"b\", two non-empty sentences")
+            raise ConfigError(f"{where}: needs \"a\" and \"b\", two non-empty sentences")
         if item["a"] == item["b"]:
-            raise ConfigError(f"--pairs {path}, line {n}: a and b are the same sentence")
+            raise ConfigError(f"{where}: a and b are the same sentence")
         pairs.append(Pair(item["a"], item["b"], str(item.get("topic", ""))))
         if len(pairs) > MAX_PAIRS:
             raise ConfigError(f"--pairs {path} holds more than {MAX_PAIRS:,} pairs; split it")

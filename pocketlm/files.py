@@ -73,6 +73,32 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise FormatError(f"{what} {path} is not valid JSON: {e}") from None
 
 
+def read_json_lines(path: str | os.PathLike, label: str, holds: str) -> Iterator[tuple[str, Any]]:
+    """(where, value) for each non-blank line of a JSON-lines file, in order, `where` being
+    "label:line" for the caller's own errors about the value (a caller may stop early). The file is
+    checked before the first: NotFoundError (saying it should hold `holds`) when there is none,
+    ConfigError when it is not UTF-8; ConfigError at a line that is not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"{label}: no such file ({holds})")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{label} is not UTF-8 text") from None
+    return _json_rows(lines, label)
+
+
+def _json_rows(lines: list[str], label: str) -> Iterator[tuple[str, Any]]:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{label}:{number}: not JSON ({e.msg})") from None
+        yield f"{label}:{number}", value
+
+
 def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
